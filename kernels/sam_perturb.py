@@ -1,0 +1,484 @@
+"""SAM's perturbation as multi-tensor kernels: Triton on CUDA, `torch._foreach_*` everywhere else.
+
+Four in-place primitives over lists of tensors (a model's parameters or their local shards):
+
+  sum_squares(xs)                      sum_i ||x_i||^2 in fp32, one Triton launch for the whole list
+  asam_sums(grads, params)             [sum g^2, sum (|w| g)^2, sum (w^2 g)^2] in one pass (ASAM)
+  perturb_(ws, gs, backups, sumsq, rho)  backups <- w; w += s * g with s = rho / (sqrt(sumsq) + eps)
+                                       read on the device (no host sync); `adaptive` uses s * w^2 * g
+  restore_(ws, backups)                w <- backups, bit for bit
+  add_(ws, ds, alpha)                  w += alpha * d (landscape.py moves weights along directions)
+
+Each Triton kernel covers a whole list in one launch: a small device table holds the tensors'
+addresses and sizes, and every program looks up which tensor and which chunk of it to work on.
+Lists that mix dtypes or devices get one launch per (device, dtype) group.
+
+Which path runs: `FLATTUNE_KERNELS=auto` (default) takes Triton for CUDA tensors when triton is
+importable and the reference otherwise; `torch` forces the reference; `triton` forces Triton, which
+on CPU tensors needs the interpreter (`TRITON_INTERPRET=1`; the tests use it). Every function also
+takes `backend=` to override the variable for one call. Kernels are decorated on first use, so the
+interpreter setting in force at that moment applies, whenever triton was imported.
+"""
+import contextlib
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:     # triton absent (macOS, minimal installs): the reference does everything
+    triton = None
+    HAVE_TRITON = False
+
+    class tl:           # the kernels' annotations still need `tl.constexpr` to evaluate
+        constexpr = None
+
+BACKENDS = ("auto", "triton", "torch")
+BLOCK = 1024        # elements per vector operation in a program
+ITERS = 8           # blocks per program: one program covers BLOCK * ITERS elements of one tensor
+VEC = 16            # masks keep VEC-element groups whole, so fp32 and bf16 get 16-byte accesses
+CPU_PIECE = 1 << 19  # reference perturb on CPU works in cache-sized pieces (see _pieces)
+GPU_PIECE = 1 << 24  # ... and on GPUs in pieces that bound the adaptive temporaries
+_TABLE_CACHE_SIZE = 64
+
+
+# ----------------------------------------------------------------------------- path selection
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def backend(tensors, backend: str | None = None) -> str:
+    """"triton" or "torch": the path these tensors take under FLATTUNE_KERNELS (or `backend`)."""
+    choice = (backend or os.environ.get("FLATTUNE_KERNELS") or "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"FLATTUNE_KERNELS={choice!r} is not a kernel backend; use one of "
+                         f"{', '.join(BACKENDS)}.")
+    if choice == "torch" or not tensors:
+        return "torch"
+    on_cuda = tensors[0].is_cuda
+    if choice == "auto":
+        return "triton" if HAVE_TRITON and on_cuda else "torch"
+    if not HAVE_TRITON:
+        raise RuntimeError("FLATTUNE_KERNELS=triton but triton is not installed; install it or use "
+                           "FLATTUNE_KERNELS=torch.")
+    if not on_cuda and not _interpreting():
+        raise RuntimeError("FLATTUNE_KERNELS=triton on CPU tensors needs the Triton interpreter; set "
+                           "TRITON_INTERPRET=1 (or use FLATTUNE_KERNELS=torch).")
+    return "triton"
+
+
+_TL_DTYPES = {}
+if HAVE_TRITON:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _check_lists(name, first, *others):
+    for other in others:
+        if len(other) != len(first):
+            raise ValueError(f"{name}: the tensor lists have different lengths "
+                             f"({len(first)} and {len(other)}).")
+        for a, b in zip(first, other):
+            if a.shape != b.shape or a.device != b.device:
+                raise ValueError(f"{name}: paired tensors must have the same shape and device, got "
+                                 f"{tuple(a.shape)} on {a.device} and {tuple(b.shape)} on {b.device}.")
+
+
+def _groups(*lists):
+    """Indices grouped by (device, dtypes), so each group is one kernel launch."""
+    out = {}
+    for i, ts in enumerate(zip(*lists)):
+        out.setdefault((ts[0].device,) + tuple(t.dtype for t in ts), []).append(i)
+    return list(out.values())
+
+
+def _triton_ok(*ts) -> bool:
+    return all(t.dtype in _TL_DTYPES and t.is_contiguous() for t in ts)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Plain functions, decorated with triton.jit on first use (see _jit). Every program handles one
+# chunk of BLOCK * ITERS elements of one tensor; `chunks` holds (tensor index, first element).
+# Loads and stores are masked against n rounded down to VEC elements, so the compiler can use
+# 16-byte vector accesses (a mask against an arbitrary n forbids them); the tensor's last chunk
+# then handles the < VEC trailing elements with a short masked tail. The loop bounds use plain
+# arithmetic rather than tl.cdiv/tl.minimum: each nested jit call costs the interpreter ~5 ms.
+
+def _sumsq_kernel(ptrs, n_tensors, numels, chunks, partials, n_chunks,
+                  X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, WEIGHTED: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                  VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid)
+    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
+    n = tl.load(numels + t)
+    n_vec = (n // VEC) * VEC
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(X_DTYPE))
+    w_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(W_DTYPE))
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+    acc_g = tl.full([BLOCK], 0.0, tl.float32)
+    acc_wg = tl.full([BLOCK], 0.0, tl.float32)
+    acc_wwg = tl.full([BLOCK], 0.0, tl.float32)
+    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
+    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_vec
+        g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_g += g * g
+        if WEIGHTED:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc_wg += (w * g) * (w * g)
+            acc_wwg += (w * w * g) * (w * w * g)
+    offs = n_vec + tl.arange(0, VEC)
+    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
+    g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # tl.reduce with tl.sum's own combine function, not tl.sum: tl.sum is a jit function made when
+    # triton was imported, which the interpreter cannot call if that was not under TRITON_INTERPRET
+    tl.store(partials + pid, tl.reduce(acc_g, 0, tl.standard._sum_combine)
+             + tl.reduce(g * g, 0, tl.standard._sum_combine))
+    if WEIGHTED:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(partials + n_chunks + pid, tl.reduce(acc_wg, 0, tl.standard._sum_combine)
+                 + tl.reduce((w * g) * (w * g), 0, tl.standard._sum_combine))
+        tl.store(partials + 2 * n_chunks + pid, tl.reduce(acc_wwg, 0, tl.standard._sum_combine)
+                 + tl.reduce((w * w * g) * (w * w * g), 0, tl.standard._sum_combine))
+
+
+def _axpy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr, alpha, eps,
+                 W_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, MODE: tl.constexpr,
+                 ADAPTIVE: tl.constexpr, SAVE: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
+    # w += s * d (times w^2 when ADAPTIVE), first saving w into b when SAVE, with
+    # MODE 0: s = alpha; MODE 1: s = alpha * scale[0]; MODE 2: s = alpha / (sqrt(scale[0]) + eps)
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid)
+    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
+    n = tl.load(numels + t)
+    n_vec = (n // VEC) * VEC
+    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE))
+    d_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(D_DTYPE))
+    b_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE))
+    if ALIGNED:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        d_ptr = tl.multiple_of(d_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+    s = alpha
+    if MODE == 1:
+        s = alpha * tl.load(scale_ptr)
+    if MODE == 2:
+        s = alpha / (tl.sqrt(tl.load(scale_ptr)) + eps)
+    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
+    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_vec
+        w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        if SAVE:
+            tl.store(b_ptr + offs, w_raw, mask=mask)
+        w = w_raw.to(tl.float32)
+        e = s * tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ADAPTIVE:
+            e = e * w * w
+        tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
+    offs = n_vec + tl.arange(0, VEC)                       # the tail, as above
+    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
+    w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    if SAVE:
+        tl.store(b_ptr + offs, w_raw, mask=mask)
+    w = w_raw.to(tl.float32)
+    e = s * tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        e = e * w * w
+    tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
+
+
+def _copy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, DTYPE: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                 VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid)
+    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
+    n = tl.load(numels + t)
+    n_vec = (n // VEC) * VEC
+    dst = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    src = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        dst = tl.multiple_of(dst, 16)
+        src = tl.multiple_of(src, 16)
+    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
+    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_vec
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+    offs = n_vec + tl.arange(0, VEC)
+    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+_JITTED = {}
+
+
+def _jit(fn):
+    """triton.jit(fn), made once per interpreter setting (the decorator reads TRITON_INTERPRET)."""
+    key = (fn.__name__, _interpreting())
+    if key not in _JITTED:
+        _JITTED[key] = triton.jit(fn)
+    return _JITTED[key]
+
+
+# ----------------------------------------------------------------------------- launch tables
+
+_TABLES = {}
+
+
+def _to_device(values, device):
+    """A small int64 table on `device` without a host sync (pinned host copy, kept alive in cache)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device), None
+    host = host.pin_memory()
+    return host.to(device, non_blocking=True), host
+
+
+def _cached(key, make):
+    if key not in _TABLES:
+        if len(_TABLES) >= _TABLE_CACHE_SIZE:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = make()
+    return _TABLES[key][0]
+
+
+def _launch_tables(lists):
+    """(pointer table [k*T], numels [T], chunk table [2*P], P, aligned) for parallel lists."""
+    first = lists[0]
+    device = first[0].device
+    numels = tuple(t.numel() for t in first)
+    per = BLOCK * ITERS
+
+    def make_chunks():
+        tensor_ids, starts = [], []
+        for i, n in enumerate(numels):
+            for s in range(0, n, per):
+                tensor_ids.append(i)
+                starts.append(s)
+        return _to_device(tensor_ids + starts, device) + (len(starts),)
+
+    chunk_entry = ("chunks", device, numels, per)
+    chunks = _cached(chunk_entry, make_chunks)
+    n_chunks = _TABLES[chunk_entry][2]
+    ptr_values = [t.data_ptr() for ts in lists for t in ts]
+    ptrs = _cached(("ptrs", device, tuple(ptr_values)), lambda: _to_device(ptr_values, device))
+    sizes = _cached(("numels", device, numels), lambda: _to_device(list(numels), device))
+    aligned = all(p % 16 == 0 for p in ptr_values)
+    return ptrs, sizes, chunks, n_chunks, aligned
+
+
+def _launch_opts(device):
+    # the interpreter runs programs one by one in Python: no warps to choose
+    return {} if device.type != "cuda" else {"num_warps": 4}
+
+
+def _on(device):
+    """Launch on the tensors' GPU, whichever GPU is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- public API
+
+def sum_squares(tensors, weights=None, *, backend: str | None = None) -> torch.Tensor:
+    """sum_i ||x_i||^2 (or ||w_i * x_i||^2 with `weights`, taking |w|) as an fp32 0-dim tensor."""
+    if weights is not None:
+        return asam_sums(tensors, weights, backend=backend)[1]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if _pick(tensors, backend) == "torch":
+        return _sum_squares_torch(tensors)
+    return _sums_triton(tensors, tensors, weighted=False).to(device)[0]
+
+
+def asam_sums(grads, params, *, backend: str | None = None) -> torch.Tensor:
+    """fp32 [sum g^2, sum (|w| g)^2, sum (w^2 g)^2] in one pass: ASAM's norms and ||e||/s."""
+    _check_lists("asam_sums", grads, params)
+    if _pick(grads, backend) == "torch":
+        return _asam_sums_torch(grads, params)
+    return _sums_triton(grads, params, weighted=True)
+
+
+def perturb_(params, grads, backups, sumsq, rho: float, adaptive: bool = False, eps: float = 1e-12,
+             *, backend: str | None = None) -> None:
+    """backups[i] <- params[i]; params[i] += s * grads[i] (times params[i]^2 when `adaptive`).
+
+    s = rho / (sqrt(sumsq) + eps) is computed on the device from the fp32 0-dim `sumsq`; nothing
+    waits for the host. The backups hold the exact old values for restore_.
+    """
+    _check_lists("perturb_", params, grads, backups)
+    if any(b.dtype != p.dtype for b, p in zip(backups, params)):
+        raise ValueError("perturb_: each backup must have its parameter's dtype (it is an exact copy).")
+    if _pick(params, backend) == "torch":
+        return _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps)
+    _axpy_triton(params, grads, backups, sumsq, float(rho), eps, mode=2, adaptive=adaptive, save=True)
+
+
+def restore_(params, backups, *, backend: str | None = None) -> None:
+    """params[i] <- backups[i], bit for bit, in place."""
+    _check_lists("restore_", params, backups)
+    if _pick(params, backend) == "torch":
+        return torch._foreach_copy_(list(params), list(backups)) if params else None
+    for idx in _groups(params, backups):
+        ps, bs = [params[i] for i in idx], [backups[i] for i in idx]
+        if not _triton_ok(*ps, *bs) or ps[0].dtype != bs[0].dtype:
+            torch._foreach_copy_(ps, bs)
+            continue
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([ps, bs])
+        if not n_chunks:
+            continue
+        with _on(ps[0].device):
+            _jit(_copy_kernel)[(n_chunks,)](ptrs, len(ps), sizes, chunks, n_chunks,
+                                            DTYPE=_TL_DTYPES[ps[0].dtype], ALIGNED=aligned,
+                                            BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
+                                            **_launch_opts(ps[0].device))
+
+
+def add_(tensors, others, alpha=1.0, *, backend: str | None = None) -> None:
+    """tensors[i] += alpha * others[i] in place; `alpha` a float or a 0-dim tensor on the device."""
+    _check_lists("add_", tensors, others)
+    if _pick(tensors, backend) == "torch":
+        if not tensors:
+            return
+        if isinstance(alpha, torch.Tensor):
+            scaled = torch._foreach_mul(list(others), alpha.to(others[0].dtype))
+            return torch._foreach_add_(list(tensors), scaled)
+        return torch._foreach_add_(list(tensors), list(others), alpha=alpha)
+    if isinstance(alpha, torch.Tensor):
+        _axpy_triton(tensors, others, tensors, alpha.float(), 1.0, 0.0, mode=1, adaptive=False,
+                     save=False)
+    else:
+        _axpy_triton(tensors, others, tensors, None, float(alpha), 0.0, mode=0, adaptive=False,
+                     save=False)
+
+
+def _pick(tensors, choice):
+    return backend(list(tensors), choice)
+
+
+# ----------------------------------------------------------------------------- Triton launchers
+
+def _sums_triton(xs, ws, weighted: bool) -> torch.Tensor:
+    """fp32 [3] (weighted) or [1] sums over all (device, dtype) groups, on the first device."""
+    device = xs[0].device if xs else torch.device("cpu")
+    total = torch.zeros(3 if weighted else 1, dtype=torch.float32, device=device)
+    for idx in _groups(xs, ws):
+        gx, gw = [xs[i] for i in idx], [ws[i] for i in idx]
+        if not _triton_ok(*gx, *gw):
+            part = _asam_sums_torch(gx, gw) if weighted else _sum_squares_torch(gx).reshape(1)
+            total += part.to(device)
+            continue
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gx, gw])
+        if not n_chunks:
+            continue
+        partials = torch.empty((3 if weighted else 1, n_chunks), dtype=torch.float32,
+                               device=gx[0].device)
+        with _on(gx[0].device):
+            _jit(_sumsq_kernel)[(n_chunks,)](
+                ptrs, len(gx), sizes, chunks, partials, n_chunks,
+                X_DTYPE=_TL_DTYPES[gx[0].dtype], W_DTYPE=_TL_DTYPES[gw[0].dtype], WEIGHTED=weighted,
+                ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(gx[0].device))
+        total += partials.sum(dim=1).to(device)
+    return total
+
+
+def _axpy_triton(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
+    for idx in _groups(ws, ds):
+        gw, gd, gb = [ws[i] for i in idx], [ds[i] for i in idx], [bs[i] for i in idx]
+        if not _triton_ok(*gw, *gd, *gb):
+            _axpy_torch_fallback(gw, gd, gb, scale, alpha, eps, mode, adaptive, save)
+            continue
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gd, gb])
+        if not n_chunks:
+            continue
+        scale_arg = sizes if scale is None else scale.to(gw[0].device, torch.float32)  # mode 0: unread
+        with _on(gw[0].device):
+            _jit(_axpy_kernel)[(n_chunks,)](
+                ptrs, len(gw), sizes, chunks, n_chunks, scale_arg, alpha, eps,
+                W_DTYPE=_TL_DTYPES[gw[0].dtype], D_DTYPE=_TL_DTYPES[gd[0].dtype], MODE=mode,
+                ADAPTIVE=adaptive, SAVE=save, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
+                **_launch_opts(gw[0].device))
+
+
+def _axpy_torch_fallback(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
+    """Tensors the Triton kernel cannot take (non-contiguous, float64): same math, reference ops."""
+    if mode == 2:
+        return _perturb_torch(ws, ds, bs, scale, alpha, adaptive, eps)
+    add_(ws, ds, alpha if mode == 0 else alpha * scale, backend="torch")
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def _sum_squares_torch(tensors) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    device = tensors[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for idx in _groups(tensors):
+        group = [tensors[i] for i in idx]
+        low = group[0].dtype in (torch.bfloat16, torch.float16)    # accumulate those in fp32
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32 if low else None)
+        total += torch.stack(norms).square().sum().float().to(device)
+    return total
+
+
+def _asam_sums_torch(grads, params) -> torch.Tensor:
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros(3, dtype=torch.float32, device=device)
+    for g, w in zip(grads, params):     # one tensor at a time: temporaries stay one tensor big
+        g, w = g.float(), w.float()
+        wg = w.abs() * g
+        total += torch.stack([g.square().sum(), wg.square().sum(), (wg * w).square().sum()]).to(device)
+    return total
+
+
+def _pieces(tensors_lists, piece):
+    """Split parallel lists into buckets of about `piece` elements (views of contiguous tensors).
+
+    On CPU, copying a piece to the backup and then adding to it finds the piece still in cache,
+    so memory sees each byte once, as in the fused kernel.
+    """
+    buckets, current, size = [], [[] for _ in tensors_lists], 0
+    for ts in zip(*tensors_lists):
+        n = ts[0].numel()
+        if all(t.is_contiguous() for t in ts) and n > piece:
+            flats = [t.view(-1) for t in ts]
+            views = [[f[s:s + piece] for s in range(0, n, piece)] for f in flats]
+        else:
+            views = [[t] for t in ts]
+        for parts in zip(*views):
+            for lst, part in zip(current, parts):
+                lst.append(part)
+            size += parts[0].numel()
+            if size >= piece:
+                buckets.append(current)
+                current, size = [[] for _ in tensors_lists], 0
+    if current[0]:
+        buckets.append(current)
+    return buckets
+
+
+def _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps):
+    if not params:
+        return
+    scale = (rho / (sumsq.sqrt() + eps)).to(params[0].device)
+    piece = CPU_PIECE if params[0].device.type == "cpu" else GPU_PIECE
+    for idx in _groups(params, grads):
+        group = [[params[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx]]
+        for ws, gs, bs in _pieces(group, piece):
+            torch._foreach_copy_(bs, ws)
+            if adaptive:      # e = s * w^2 * g, in fp32 like the kernel; temporaries one piece big
+                gs = [w.to(torch.float32, copy=True).square_().mul_(g) for w, g in zip(ws, gs)]
+            if ws[0].dtype == torch.float32 or adaptive:
+                # a 0-dim scale broadcasts, so s stays on the device; addcmul rounds once, as the
+                # kernel does
+                torch._foreach_addcmul_(ws, gs, [scale] * len(ws))
+            else:             # bf16/fp16 would round s to their precision: form e in fp32
+                torch._foreach_add_(ws, [g.to(torch.float32, copy=True).mul_(scale) for g in gs])
