@@ -31,8 +31,8 @@ lm-eval's users read it); a category the mean of its tasks; AVG the mean of the 
 Standard errors: sample std (ddof 1) / sqrt(n); MMLU groups are means of subject means, so their
 SE combines the subject SEs; category/AVG SEs combine task SEs as independent.
 
-Outputs in --out: results.json, items.jsonl, table.md (the paper's Table 2 layout), categories.png,
-args.json. results.json:
+Outputs in --out: results.json, items.jsonl, table.md (the paper's Table 2 layout), categories.png
+(a panel per category and AVG), category_<name>.png (one per category), args.json. results.json:
   {"model", "settings": {dtype, limit, shots, seed, scoring, batch_size, max_len, tasks},
    "items_file": "items.jsonl", "speed": {"items", "seconds", "items_per_s"},
    "tasks": {name: {"category", "metric", "n", "source", "fewshot_source", "score", "score_se",
@@ -370,8 +370,25 @@ def load_jsonl(path):
     return items
 
 
+def _check_task_names(entries):
+    """A .jsonl file's task name is its file name without .jsonl: refuse names that would merge two
+    files' items (same ids, wrong pairs in --baseline) or a file's items with a built-in task's."""
+    seen = {}
+    for e in entries:
+        name = Path(e).stem if e.endswith(".jsonl") else e
+        if e.endswith(".jsonl") and (name in TASKS or name == "heldout"):
+            what = "the held-out loss" if name == "heldout" else f"the built-in task {name}"
+            raise ValueError(f"--tasks {e}: its task name {name!r} (the file name without .jsonl) is that "
+                             f"of {what}, so their items would merge; rename the file.")
+        if name in seen:
+            raise ValueError(f"--tasks {seen[name]} and {e} both give the task name {name!r} (the file "
+                             f"name without .jsonl), so their items would merge; rename one of the files.")
+        seen[name] = e
+
+
 def resolve_tasks(names):
-    """Expand groups and folders; unknown names raise ValueError listing the known ones."""
+    """Expand groups and folders; unknown names raise ValueError listing the known ones, and .jsonl
+    files whose task names clash (with each other or a built-in task) raise ValueError too."""
     out = []
     for n in names:
         if n == "none":
@@ -392,7 +409,12 @@ def resolve_tasks(names):
             out.append(n)
         else:
             load_task(n)  # raises the error listing every known name
-    return list(dict.fromkeys(out))
+    unique = {}  # one file named two ways (a/x.jsonl, ./a/x.jsonl) is one task
+    for n in out:
+        unique.setdefault(str(Path(n).resolve()) if n.endswith(".jsonl") else n, n)
+    out = list(unique.values())
+    _check_task_names(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -428,6 +450,10 @@ def _encode(items, tok, max_len):
             raise ValueError(f"task {it['task']} item {it['id']}: a choice tokenises to nothing; choices must "
                              f"hold text to score.")
         longest = max(map(len, conts))
+        if longest > max_len:  # no context token would be left to predict the choice's first token
+            raise ValueError(f"task {it['task']} item {it['id']}: a choice is {longest} tokens, more than the "
+                             f"{max_len}-token scoring window; shorten the choice or score with a larger "
+                             f"max_len (score_items' max_len, by default the model's max_position_embeddings).")
         if len(c_ids) + longest > max_len + 1:  # left-truncate the context, as lm-eval
             c_ids = c_ids[len(c_ids) + longest - max_len - 1:]
         out.append((c_ids, conts))
@@ -726,33 +752,61 @@ def markdown(results, base=None):
     return "\n".join(out) + "\n"
 
 
-def plot(results, path, base=None):
-    """One panel per category: a bar per task (score %, SE whiskers), the baseline's bars beside them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cats = [c for c, v in results["categories"].items() if v["tasks"]]
-    fig, axes = plt.subplots(1, len(cats) + 1, figsize=(3.2 * (len(cats) + 1), 3.6), squeeze=False)
+def _bars(ax, results, c, base):
+    """Category `c` (or "AVG") on `ax`: a bar per task (score %, SE whiskers), the baseline's beside them."""
     runs = [(base, "baseline"), (results, "model")] if base else [(results, "model")]
-    for ax, c in zip(axes[0], cats + ["AVG"]):
-        names = results["categories"][c]["tasks"] if c != "AVG" else results["avg"]["categories"]
-        w = 0.8 / len(runs)
-        for k, (r, label) in enumerate(runs):
-            src = (lambda n: r["tasks"].get(n)) if c != "AVG" else (lambda n: r["categories"].get(n))
-            ys = [100 * (src(n) or {}).get("score") if (src(n) or {}).get("score") is not None else 0 for n in names]
-            es = [100 * ((src(n) or {}).get("score_se") or 0) for n in names]
-            ax.bar([i + k * w for i in range(len(names))], ys, w, yerr=es, label=r.get("model", label), capsize=2)
-        ax.set_xticks([i + w * (len(runs) - 1) / 2 for i in range(len(names))])
-        ax.set_xticklabels([n.replace("mmlu_", "") for n in names], rotation=45, ha="right", fontsize=7)
-        ax.set_title(c + (" (partial)" if (results["categories"].get(c) or results["avg"]).get("partial") else ""),
-                     fontsize=9)
-        ax.set_ylabel("score (%)")
-        ax.set_ylim(0, 100)
-    axes[0][0].legend(fontsize=7)
+    names = results["categories"][c]["tasks"] if c != "AVG" else results["avg"]["categories"]
+    w = 0.8 / len(runs)
+    for k, (r, label) in enumerate(runs):
+        src = (lambda n: r["tasks"].get(n)) if c != "AVG" else (lambda n: r["categories"].get(n))
+        ys = [100 * (src(n) or {}).get("score") if (src(n) or {}).get("score") is not None else 0 for n in names]
+        es = [100 * ((src(n) or {}).get("score_se") or 0) for n in names]
+        ax.bar([i + k * w for i in range(len(names))], ys, w, yerr=es, label=r.get("model", label), capsize=2)
+    ax.set_xticks([i + w * (len(runs) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels([n.replace("mmlu_", "") for n in names], rotation=45, ha="right", fontsize=7)
+    ax.set_title(c + (" (partial)" if (results["categories"].get(c) or results["avg"]).get("partial") else ""),
+                 fontsize=9)
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+
+
+def _save_png(plt, fig, path):
     fig.tight_layout()
     with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(results, path, base=None):
+    """One panel per category and one for AVG in one figure (see _bars)."""
+    plt = _pyplot()
+    cats = [c for c, v in results["categories"].items() if v["tasks"]]
+    fig, axes = plt.subplots(1, len(cats) + 1, figsize=(3.2 * (len(cats) + 1), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], cats + ["AVG"]):
+        _bars(ax, results, c, base)
+    axes[0][0].legend(fontsize=7)
+    _save_png(plt, fig, path)
+
+
+def plot_categories(results, folder, base=None):
+    """One figure per category with scored tasks, folder/category_<name>.png; returns the paths."""
+    plt, paths = _pyplot(), []
+    for c, v in results["categories"].items():
+        if not v["tasks"]:
+            continue
+        fig, ax = plt.subplots(figsize=(max(3.2, 0.9 * len(v["tasks"]) + 1.5), 3.6))
+        _bars(ax, results, c, base)
+        ax.legend(fontsize=7)
+        paths.append(Path(folder) / f"category_{c}.png")
+        _save_png(plt, fig, paths[-1])
+    return paths
 
 
 # ----------------------------------------------------------------------------- driver
@@ -808,12 +862,27 @@ def _read_results(path):
     if not p.is_file():
         raise FileNotFoundError(f"--baseline {path}: no results.json there; pass a results.json that "
                                 f"evaluate.py wrote.")
-    res = json.loads(p.read_text())
+    try:
+        res = json.loads(p.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"--baseline {p} is not valid JSON ({getattr(e, 'msg', e)}); pass a results.json "
+                         f"that evaluate.py wrote.") from None
+    missing = [k for k in ("model", "tasks", "categories", "avg") if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise ValueError(f"--baseline {p} has no {missing[0]!r} field, so it is not a results.json of "
+                         f"evaluate.py; pass the results.json that evaluate.py wrote.")
     items_path = p.parent / res.get("items_file", "items.jsonl")
     if not items_path.is_file():
         raise FileNotFoundError(f"--baseline {path}: its per-item file {items_path} is missing; rerun "
                                 f"evaluate.py for that model.")
-    return res, [json.loads(line) for line in items_path.read_text().splitlines() if line.strip()]
+    items = []
+    for n, line in enumerate(items_path.read_text().splitlines(), 1):
+        try:
+            items += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise ValueError(f"--baseline {items_path} line {n} is not valid JSON ({getattr(e, 'msg', e)}); "
+                             f"rerun evaluate.py for that model.") from None
+    return res, items
 
 
 def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | None = None,
@@ -853,9 +922,10 @@ def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | 
         common.write_text(out / "table.md", markdown(res, base[0] if base else None))
         if res["tasks"]:
             plot(res, out / "categories.png", base[0] if base else None)
+            plot_categories(res, out, base[0] if base else None)
         common.log(markdown(res, base[0] if base else None), end="")
         common.log(f"wrote {out}/ (results.json, items.jsonl, table.md, "
-                   f"{'categories.png, ' if res['tasks'] else ''}args.json)")
+                   f"{'categories.png, category_<name>.png, ' if res['tasks'] else ''}args.json)")
     common.cleanup_distributed()
     return res
 

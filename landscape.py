@@ -72,9 +72,15 @@ def random_directions(model, seed=0, norm="filter"):
     return dirs[0], dirs[1]
 
 
+UNKNOWN_SEED, UNKNOWN_NORM = -1, "unknown"     # directions saved without their seed/norm
+
+
 def save_directions(path, model, d1, d2, seed=None, norm=None):
+    """Write d1, d2 for load_directions. seed/norm are stored as plain values (-1 / "unknown" when
+    not given), so they land in surface.npz as numbers and strings, which --compare can read."""
     names = [n for n, _ in model.named_parameters()]
-    obj = {"names": names, "seed": seed, "norm": norm,
+    obj = {"names": names, "seed": UNKNOWN_SEED if seed is None else int(seed),
+           "norm": UNKNOWN_NORM if norm is None else str(norm),
            "d1": [t.detach().cpu() for t in d1], "d2": [t.detach().cpu() for t in d2]}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -94,7 +100,9 @@ def load_directions(path, model):
         raise ValueError(f"directions file {path} was made for a model with different parameters; "
                          f"make new directions for this architecture (omit --directions).")
     d1, d2 = ([t.to(p.device, p.dtype) for t, (_, p) in zip(obj[k], named)] for k in ("d1", "d2"))
-    return d1, d2, {"seed": obj.get("seed"), "norm": obj.get("norm")}
+    seed, norm = obj.get("seed"), obj.get("norm")      # None in files written before -1/"unknown"
+    return d1, d2, {"seed": UNKNOWN_SEED if seed is None else seed,
+                    "norm": UNKNOWN_NORM if norm is None else norm}
 
 
 # ----------------------------------------------------------------------------- surface
@@ -119,6 +127,11 @@ def surface(model, loss_fn, d1, d2, alphas, betas, *, progress=True):
     """
     alphas, betas = np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64)
     params = _params(model)
+    low = sorted({str(p.dtype) for p in params if p.dtype not in (torch.float32, torch.float64)})
+    if low:     # each in-place step would round to the low precision and the walk would drift
+        raise ValueError(f"surface() walks the weights in place and needs float32/float64 parameters, "
+                         f"got {', '.join(low)}; load the model in float32 and autocast the loss to "
+                         f"bf16 instead (as landscape.py --dtype bf16 does).")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = np.array_split(np.array(serpentine(len(alphas), len(betas))), world)[rank].tolist()
     Z = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
@@ -385,8 +398,10 @@ def compare_runs(dirs, out, labels=None):
         if not (d / "surface.npz").is_file() or not (d / "metrics.json").is_file():
             die(f"--compare {d}: no surface.npz/metrics.json there; pass folders written by landscape.py.")
         label = labels[k] if labels else d.name
-        with np.load(d / "surface.npz") as z:
-            runs.append((label, {k2: z[k2] for k2 in z.files}))
+        with np.load(d / "surface.npz") as z:     # only the grid: older files hold object arrays
+            if not {"Z", "alphas", "betas"} <= set(z.files):
+                die(f"--compare {d}: surface.npz lacks Z/alphas/betas; rerun landscape.py for it.")
+            runs.append((label, {k2: z[k2] for k2 in ("Z", "alphas", "betas")}))
         rows.append({**json.loads((d / "metrics.json").read_text()), "model": label, "dir": str(d)})
     if len({(r["seed"], r["norm"], r["radius"], r["steps"]) for r in rows}) > 1:
         log("note: the runs differ in seed/norm/range/steps; their surfaces are not along the same grid.")

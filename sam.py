@@ -51,8 +51,10 @@ Distributed: with FSDP2 (`fully_shard`, parameters are DTensors) the kernels wor
 shards and the squared norm is all-reduced over the mesh dimensions the parameters are sharded on,
 so every rank uses the same global norm and the gathered e has norm rho. Replicated parameters
 (DDP, whose gradients are already averaged) are not summed across ranks. The weights are restored
-in place (`copy_`), never by assigning `p.data`. The perturbation runs through `kernels/`:
-Triton on CUDA, torch._foreach elsewhere; FLATTUNE_KERNELS=triton|torch|auto forces a path.
+in place (`copy_`), never by assigning `p.data`. FSDP1 (FullyShardedDataParallel, FlatParameter)
+is refused: its flat per-rank shards would give a per-rank norm. The perturbation runs through
+`kernels/`: Triton on CUDA, torch._foreach elsewhere; FLATTUNE_KERNELS=triton|torch|auto forces a
+path.
 
 Checkpoints: `opt.state_dict()` is the base optimizer's state dict plus {"sam": {"steps": n}}.
 torch.distributed.checkpoint's get/set_optimizer_state_dict must be given `opt.base_optimizer`
@@ -82,6 +84,16 @@ def _check_rho(rho):
 def _local(t):
     """The tensor the kernels work on: the local shard of a DTensor, the tensor itself otherwise."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _check_not_fsdp1(params):
+    """FSDP1 hands the optimizer flat per-rank shards that SAM cannot tell apart from whole tensors."""
+    for p in params:
+        if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+            raise ValueError("SAM got a parameter sharded by FSDP1 (FullyShardedDataParallel / "
+                             "FlatParameter), whose gradient holds only this rank's flat shard, so "
+                             "the perturbation norm would be per-rank instead of global; shard the "
+                             "model with FSDP2 (torch.distributed.fsdp.fully_shard) instead.")
 
 
 def _shard_key(p):
@@ -123,6 +135,10 @@ class SAM(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         base = self.__dict__.get("base_optimizer")
         group = dict(param_group)
+        params = group["params"]
+        if not isinstance(params, set):         # a set: the base class raises its own error
+            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            _check_not_fsdp1(group["params"])
         if "rho" in group:
             _check_rho(group["rho"])
         if base is None:                # during __init__: the groups are handed to the base later
@@ -188,6 +204,11 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None and self._scaler is not None and scaler is None:
             raise RuntimeError("first_step() got a GradScaler but second_step() did not; pass "
                                "scaler= to both, or the base optimizer would step on scaled gradients.")
+        if self._perturbed is not None and self._scaler is None and scaler is not None \
+                and scaler.is_enabled():
+            raise RuntimeError("second_step() got a GradScaler but first_step() did not, so the "
+                               "perturbation used scaled gradients and scaler.update() would find no "
+                               "inf checks; pass scaler= to first_step too.")
         for ws, backups in self._perturbed or []:
             kernels.restore_(ws, backups)
         first_finite, self._perturbed, self._first_finite = self._first_finite, None, None
@@ -264,7 +285,9 @@ class SAM(torch.optim.Optimizer):
             return {}
         device = next(iter(local.values())).device
         local = {k: v.to(device) for k, v in local.items()}
-        for shard in {k[0] for k in local if k[0] is not None}:
+        # parameter order, the same on every rank: a set's order follows hashes that differ
+        # between processes (DeviceMesh hashes strings), and ranks reducing in different orders hang
+        for shard in dict.fromkeys(k[0] for k in local if k[0] is not None):
             mesh, dims = shard
             keys = [k for k in local if k[0] == shard]
             stacked = torch.stack([local[k] for k in keys])

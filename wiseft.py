@@ -43,6 +43,9 @@ COPIED_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
 ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                "tie_word_embeddings")
+# An existing --out holding one of these is an earlier output and may be replaced; any other
+# non-empty folder is refused.
+MODEL_MARKERS = ("wiseft.json", "config.json")
 HUB_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 
@@ -161,13 +164,20 @@ def alpha_dirname(alpha: float) -> str:
 
 
 def _check_out(out: Path, inputs: dict):
-    """Refuse an output that would replace an input (atomic_path swaps the whole folder)."""
+    """Refuse an output that would replace an input or a folder that is not a model: atomic_path
+    swaps the whole folder, so anything else in it (an earlier sweep's alpha_* folders) would go."""
     o = out.resolve()
     for flag, folder in inputs.items():
         f = folder.resolve()
         if o == f or o in f.parents:
             raise CheckpointError(f"--out {out} would replace {flag} {folder}; choose another output "
                                   f"folder.")
+    if o.exists() and not o.is_dir():
+        raise CheckpointError(f"--out {out} is a file; pass a folder name for the model.")
+    if o.is_dir() and any(o.iterdir()) and not any((o / n).is_file() for n in MODEL_MARKERS):
+        raise CheckpointError(f"--out {out} is a non-empty folder that is not a model folder (no "
+                              f"wiseft.json or config.json) and would be replaced whole; pass a new or "
+                              f"empty --out folder.")
 
 
 # ----------------------------------------------------------------------------- writing

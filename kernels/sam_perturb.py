@@ -15,8 +15,10 @@ Lists that mix dtypes or devices get one launch per (device, dtype) group.
 
 Which path runs: `FLATTUNE_KERNELS=auto` (default) takes Triton for CUDA tensors when triton is
 importable and the reference otherwise; `torch` forces the reference; `triton` forces Triton, which
-on CPU tensors needs the interpreter (`TRITON_INTERPRET=1`; the tests use it). Every function also
-takes `backend=` to override the variable for one call. Kernels are decorated on first use, so the
+on CPU tensors needs the interpreter (`TRITON_INTERPRET=1`; the tests use it). The choice is made
+per (device, dtype) group, so in a list that mixes CUDA and CPU tensors the CPU ones always take the
+reference unless `triton` is forced with the interpreter on. Every function also takes `backend=`
+to override the variable for one call. Kernels are decorated on first use, so the
 interpreter setting in force at that moment applies, whenever triton was imported.
 """
 import contextlib
@@ -50,15 +52,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def backend(tensors, backend: str | None = None) -> str:
-    """"triton" or "torch": the path these tensors take under FLATTUNE_KERNELS (or `backend`)."""
+def _choice(backend: str | None) -> str:
     choice = (backend or os.environ.get("FLATTUNE_KERNELS") or "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"FLATTUNE_KERNELS={choice!r} is not a kernel backend; use one of "
                          f"{', '.join(BACKENDS)}.")
+    return choice
+
+
+def _kernel_runs_on(device, choice: str) -> bool:
+    """Whether a Triton launch may take tensors on `device`: a compiled kernel needs CUDA pointers;
+    CPU tensors only go through the interpreter, and only when `triton` is forced."""
+    return device.type == "cuda" or (choice == "triton" and _interpreting())
+
+
+def backend(tensors, backend: str | None = None) -> str:
+    """"triton" or "torch": the path these tensors take under FLATTUNE_KERNELS (or `backend`).
+
+    "triton" when at least one (device, dtype) group of them runs a kernel; the launchers still
+    send each group that cannot (CPU tensors without the interpreter) to the reference."""
+    choice = _choice(backend)
     if choice == "torch" or not tensors:
         return "torch"
-    on_cuda = tensors[0].is_cuda
+    on_cuda = any(t.is_cuda for t in tensors)
     if choice == "auto":
         return "triton" if HAVE_TRITON and on_cuda else "torch"
     if not HAVE_TRITON:
@@ -295,7 +311,7 @@ def sum_squares(tensors, weights=None, *, backend: str | None = None) -> torch.T
     device = tensors[0].device if tensors else torch.device("cpu")
     if _pick(tensors, backend) == "torch":
         return _sum_squares_torch(tensors)
-    return _sums_triton(tensors, tensors, weighted=False).to(device)[0]
+    return _sums_triton(tensors, tensors, weighted=False, choice=_choice(backend)).to(device)[0]
 
 
 def asam_sums(grads, params, *, backend: str | None = None) -> torch.Tensor:
@@ -303,7 +319,7 @@ def asam_sums(grads, params, *, backend: str | None = None) -> torch.Tensor:
     _check_lists("asam_sums", grads, params)
     if _pick(grads, backend) == "torch":
         return _asam_sums_torch(grads, params)
-    return _sums_triton(grads, params, weighted=True)
+    return _sums_triton(grads, params, weighted=True, choice=_choice(backend))
 
 
 def perturb_(params, grads, backups, sumsq, rho: float, adaptive: bool = False, eps: float = 1e-12,
@@ -318,7 +334,8 @@ def perturb_(params, grads, backups, sumsq, rho: float, adaptive: bool = False, 
         raise ValueError("perturb_: each backup must have its parameter's dtype (it is an exact copy).")
     if _pick(params, backend) == "torch":
         return _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps)
-    _axpy_triton(params, grads, backups, sumsq, float(rho), eps, mode=2, adaptive=adaptive, save=True)
+    _axpy_triton(params, grads, backups, sumsq, float(rho), eps, mode=2, adaptive=adaptive, save=True,
+                 choice=_choice(backend))
 
 
 def restore_(params, backups, *, backend: str | None = None) -> None:
@@ -326,37 +343,20 @@ def restore_(params, backups, *, backend: str | None = None) -> None:
     _check_lists("restore_", params, backups)
     if _pick(params, backend) == "torch":
         return torch._foreach_copy_(list(params), list(backups)) if params else None
-    for idx in _groups(params, backups):
-        ps, bs = [params[i] for i in idx], [backups[i] for i in idx]
-        if not _triton_ok(*ps, *bs) or ps[0].dtype != bs[0].dtype:
-            torch._foreach_copy_(ps, bs)
-            continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([ps, bs])
-        if not n_chunks:
-            continue
-        with _on(ps[0].device):
-            _jit(_copy_kernel)[(n_chunks,)](ptrs, len(ps), sizes, chunks, n_chunks,
-                                            DTYPE=_TL_DTYPES[ps[0].dtype], ALIGNED=aligned,
-                                            BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
-                                            **_launch_opts(ps[0].device))
+    _copy_triton(params, backups, _choice(backend))
 
 
 def add_(tensors, others, alpha=1.0, *, backend: str | None = None) -> None:
     """tensors[i] += alpha * others[i] in place; `alpha` a float or a 0-dim tensor on the device."""
     _check_lists("add_", tensors, others)
     if _pick(tensors, backend) == "torch":
-        if not tensors:
-            return
-        if isinstance(alpha, torch.Tensor):
-            scaled = torch._foreach_mul(list(others), alpha.to(others[0].dtype))
-            return torch._foreach_add_(list(tensors), scaled)
-        return torch._foreach_add_(list(tensors), list(others), alpha=alpha)
+        return _add_torch(tensors, others, alpha)
     if isinstance(alpha, torch.Tensor):
         _axpy_triton(tensors, others, tensors, alpha.float(), 1.0, 0.0, mode=1, adaptive=False,
-                     save=False)
+                     save=False, choice=_choice(backend))
     else:
         _axpy_triton(tensors, others, tensors, None, float(alpha), 0.0, mode=0, adaptive=False,
-                     save=False)
+                     save=False, choice=_choice(backend))
 
 
 def _pick(tensors, choice):
@@ -365,13 +365,13 @@ def _pick(tensors, choice):
 
 # ----------------------------------------------------------------------------- Triton launchers
 
-def _sums_triton(xs, ws, weighted: bool) -> torch.Tensor:
+def _sums_triton(xs, ws, weighted: bool, choice: str) -> torch.Tensor:
     """fp32 [3] (weighted) or [1] sums over all (device, dtype) groups, on the first device."""
     device = xs[0].device if xs else torch.device("cpu")
     total = torch.zeros(3 if weighted else 1, dtype=torch.float32, device=device)
     for idx in _groups(xs, ws):
         gx, gw = [xs[i] for i in idx], [ws[i] for i in idx]
-        if not _triton_ok(*gx, *gw):
+        if not _triton_ok(*gx, *gw) or not _kernel_runs_on(gx[0].device, choice):
             part = _asam_sums_torch(gx, gw) if weighted else _sum_squares_torch(gx).reshape(1)
             total += part.to(device)
             continue
@@ -389,10 +389,27 @@ def _sums_triton(xs, ws, weighted: bool) -> torch.Tensor:
     return total
 
 
-def _axpy_triton(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
+def _copy_triton(params, backups, choice):
+    for idx in _groups(params, backups):
+        ps, bs = [params[i] for i in idx], [backups[i] for i in idx]
+        if not _triton_ok(*ps, *bs) or ps[0].dtype != bs[0].dtype \
+                or not _kernel_runs_on(ps[0].device, choice):
+            torch._foreach_copy_(ps, bs)
+            continue
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([ps, bs])
+        if not n_chunks:
+            continue
+        with _on(ps[0].device):
+            _jit(_copy_kernel)[(n_chunks,)](ptrs, len(ps), sizes, chunks, n_chunks,
+                                            DTYPE=_TL_DTYPES[ps[0].dtype], ALIGNED=aligned,
+                                            BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
+                                            **_launch_opts(ps[0].device))
+
+
+def _axpy_triton(ws, ds, bs, scale, alpha, eps, mode, adaptive, save, choice):
     for idx in _groups(ws, ds):
         gw, gd, gb = [ws[i] for i in idx], [ds[i] for i in idx], [bs[i] for i in idx]
-        if not _triton_ok(*gw, *gd, *gb):
+        if not _triton_ok(*gw, *gd, *gb) or not _kernel_runs_on(gw[0].device, choice):
             _axpy_torch_fallback(gw, gd, gb, scale, alpha, eps, mode, adaptive, save)
             continue
         ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gd, gb])
@@ -408,10 +425,11 @@ def _axpy_triton(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
 
 
 def _axpy_torch_fallback(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
-    """Tensors the Triton kernel cannot take (non-contiguous, float64): same math, reference ops."""
+    """Tensors the Triton kernel cannot take (non-contiguous, float64, CPU without the interpreter):
+    same math, reference ops."""
     if mode == 2:
         return _perturb_torch(ws, ds, bs, scale, alpha, adaptive, eps)
-    add_(ws, ds, alpha if mode == 0 else alpha * scale, backend="torch")
+    _add_torch(ws, ds, alpha if mode == 0 else alpha * scale)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -465,13 +483,25 @@ def _pieces(tensors_lists, piece):
     return buckets
 
 
+def _add_torch(tensors, others, alpha):
+    if not tensors:
+        return
+    if not isinstance(alpha, torch.Tensor):
+        return torch._foreach_add_(list(tensors), list(others), alpha=alpha)
+    for idx in _groups(tensors, others):    # a device tensor alpha goes to each group's device
+        ts, ds = [tensors[i] for i in idx], [others[i] for i in idx]
+        torch._foreach_add_(ts, torch._foreach_mul(ds, alpha.to(ds[0].device, ds[0].dtype)))
+
+
 def _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps):
     if not params:
         return
-    scale = (rho / (sumsq.sqrt() + eps)).to(params[0].device)
-    piece = CPU_PIECE if params[0].device.type == "cpu" else GPU_PIECE
+    scale_here = rho / (sumsq.sqrt() + eps)
     for idx in _groups(params, grads):
         group = [[params[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx]]
+        device = group[0][0].device
+        scale = scale_here.to(device)
+        piece = CPU_PIECE if device.type == "cpu" else GPU_PIECE
         for ws, gs, bs in _pieces(group, piece):
             torch._foreach_copy_(bs, ws)
             if adaptive:      # e = s * w^2 * g, in fp32 like the kernel; temporaries one piece big

@@ -4,6 +4,7 @@ loss, and the CLI's outputs."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,23 @@ def test_categories_partial_and_mmlu_subject_means():
     assert res["tasks"]["arc_challenge"]["metric"] == "acc_norm" and res["tasks"]["boolq"]["metric"] == "acc"
 
 
+def test_category_and_avg_standard_errors_combine_task_errors():
+    items = [_res("boolq", i, v) for i, v in enumerate([1.0, 0.0, 1.0, 1.0])]      # mean .75, var 1/4
+    items += [_res("copa", i, v) for i, v in enumerate([1.0, 1.0, 0.0, 0.0])]      # mean .5, var 1/3
+    items += [_res("arc_challenge", i, v) for i, v in enumerate([1.0, 0.0])]       # mean .5, var 1/2
+    res = E.summarize(items, {}, {"scoring": "loglik"})
+    se_boolq, se_copa, se_arc = math.sqrt(0.25 / 4), math.sqrt(1 / 3 / 4), math.sqrt(0.5 / 2)
+    assert res["tasks"]["copa"]["score_se"] == pytest.approx(se_copa)
+    reas, exams = res["categories"]["Reasoning"], res["categories"]["Exams"]
+    assert reas["score"] == pytest.approx(0.625) and reas["lp"] == pytest.approx(-1.0)
+    assert reas["score_se"] == pytest.approx(math.sqrt(se_boolq ** 2 + se_copa ** 2) / 2)
+    assert reas["lp_se"] == 0.0 and exams["score_se"] == pytest.approx(se_arc)
+    assert res["avg"]["score"] == pytest.approx((0.625 + 0.5) / 2)
+    assert res["avg"]["score_se"] == pytest.approx(math.sqrt(reas["score_se"] ** 2 + se_arc ** 2) / 2)
+    one = E.summarize(items + [_res("rte", 0, 1.0)], {}, {"scoring": "loglik"})  # n = 1: no SE to combine
+    assert one["categories"]["Reasoning"]["score_se"] is None and one["avg"]["score_se"] is None
+
+
 def test_every_offline_task_loads_with_the_right_fields():
     for name in E.resolve_tasks(["offline"]):
         items = E.load_task(name, limit=3)
@@ -152,6 +170,35 @@ def test_generic_jsonl_and_its_errors(tmp_path):
         E.resolve_tasks(["boolqq"])
 
 
+def test_task_files_whose_names_clash_are_refused(tmp_path):
+    line = '{"context": "2+2=", "choices": ["4", "5"], "label": 0}\n'
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.jsonl").write_text(line)
+    a, b = str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")
+    with pytest.raises(ValueError, match=re.escape(f"{a} and {b} both give the task name 'x'")):
+        E.resolve_tasks([a, b])
+    with pytest.raises(ValueError, match="task name 'x'"):
+        E.resolve_tasks([str(tmp_path / "a"), str(tmp_path / "b")])             # folders of them too
+    assert E.resolve_tasks([a, str(tmp_path / "b" / ".." / "a" / "x.jsonl")]) == [a]  # one file
+    (tmp_path / "boolq.jsonl").write_text(line)
+    for names in (["boolq", str(tmp_path / "boolq.jsonl")], [str(tmp_path / "boolq.jsonl")]):
+        with pytest.raises(ValueError, match="built-in task boolq.*rename the file"):
+            E.resolve_tasks(names)
+
+
+def test_a_choice_longer_than_the_scoring_window_is_refused(tiny, tmp_path):
+    model, tok = tiny
+    f = tmp_path / "long.jsonl"
+    choice = " one two three four five six seven eight nine ten"
+    n = len(tok("Count:" + choice)["input_ids"]) - len(tok("Count:")["input_ids"])
+    f.write_text(json.dumps({"context": "Count:", "choices": [" one", choice], "label": 0}) + "\n")
+    with pytest.raises(ValueError, match=f"long item 1: a choice is {n} tokens.*larger max_len"):
+        E.score_items(model, tok, E.load_jsonl(f), max_len=n - 1)
+    [r] = E.score_items(model, tok, E.load_jsonl(f), max_len=n)             # one context token left
+    assert all(math.isfinite(x) for x in r["lls"])
+
+
 def test_paired_diff_against_a_hand_computation():
     a = [_res("t", i, v) for i, v in enumerate([1, 1, 0, 1, 0])]
     b = [_res("t", i, v) for i, v in enumerate([0, 1, 0, 0, 1])] + [_res("t", 9, 1)]  # 9 is unpaired
@@ -192,8 +239,11 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
     held.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "input": "", "output": "1 2 3"}) + "\n"
                             for i in range(3)))
     base = E.main("tiny", ["boolq", str(task), "ax_b"], str(tmp_path / "a"), limit=3, heldout=str(held), scoring="ppl")
-    for f in ("results.json", "items.jsonl", "table.md", "categories.png", "args.json"):
+    for f in ("results.json", "items.jsonl", "table.md", "categories.png", "args.json", "category_Reasoning.png",
+              "category_Custom.png"):
         assert (tmp_path / "a" / f).exists(), f
+    assert sorted(p.name for p in (tmp_path / "a").glob("category_*.png")) == ["category_Custom.png",
+                                                                              "category_Reasoning.png"]
     assert base["unavailable"]["ax_b"] and base["tasks"]["boolq"]["n"] == 3 and base["heldout"]["n"] == 3
     assert base["categories"]["Custom"]["tasks"] == ["arith"]
     res = E.main("tiny", ["boolq", str(task)], str(tmp_path / "b"), limit=3, heldout=str(held), scoring="ppl",
@@ -216,6 +266,18 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
     assert r["pred_ppl"] == min(range(2), key=lambda j: scores[j])
     with pytest.raises(SystemExit):
         E.main("tiny", ["nosuchtask"], str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("text, says", [('{"tasks": {', "is not valid JSON"),
+                                        ('{"model": "m", "items_file": "items.jsonl"}', "no 'tasks' field")])
+def test_a_baseline_that_is_not_a_results_file_is_named_in_one_line(tmp_path, capsys, text, says):
+    bad = tmp_path / "results.json"
+    bad.write_text(text)
+    (tmp_path / "items.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        E.main("tiny", ["none"], str(tmp_path / "out"), baseline=str(tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"--baseline {bad} " in err and says in err and len(err.splitlines()) == 1
 
 
 def test_torchrun_shards_items_and_gathers_them(tiny, tmp_path):

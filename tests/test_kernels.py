@@ -92,9 +92,10 @@ def test_perturb_matches_the_reference_and_restore_is_exact(case, dtype, adaptiv
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["triton", "torch"])
-def test_all_zero_gradients_leave_the_weights_and_give_no_nan(path):
-    w0 = make(SIZES["mix"], torch.float32, 5)
+def test_all_zero_gradients_leave_the_weights_and_give_no_nan(path, dtype):
+    w0 = make(SIZES["mix"], dtype, 5)
     g = [torch.zeros_like(t) for t in w0]
     assert kernels.sum_squares(g, backend=path).item() == 0.0
     for adaptive in (False, True):
@@ -116,6 +117,77 @@ def test_add_matches_the_reference(dtype):
         close(out["triton"], out["torch"], dtype)
         a = float(alpha)
         close(out["torch"], [(w.double() + a * x.double()).to(dtype) for w, x in zip(w0, d)], dtype)
+
+
+@needs_triton
+def test_a_list_mixing_fp32_and_bf16_gets_one_launch_per_dtype():
+    shapes = [(1,), (33, 17), (4097,), (3, 1023), (9000,), (2,)]
+    w0 = [t.to(torch.bfloat16) if k % 2 else t for k, t in enumerate(make(shapes, torch.float32, 8))]
+    g = [t.to(w.dtype) for t, w in zip(make(shapes, torch.float32, 9), w0)]
+    want = sum(x.double().square().sum() for x in g).item()
+    assert kernels.sum_squares(g, backend="triton").item() == pytest.approx(want, rel=SUM_RTOL)
+    torch.testing.assert_close(kernels.asam_sums(g, w0, backend="triton"),
+                               kernels.asam_sums(g, w0, backend="torch"), rtol=SUM_RTOL, atol=0)
+    for adaptive in (False, True):
+        sumsq = kernels.sum_squares(g, weights=w0 if adaptive else None)
+        out = {}
+        for path in ("triton", "torch"):
+            w, b = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
+            kernels.perturb_(w, g, b, sumsq, 2.0, adaptive=adaptive, backend=path)
+            out[path] = [t.clone() for t in w]
+            kernels.restore_(w, b, backend=path)
+            assert all(torch.equal(a, c) and a.dtype == c.dtype for a, c in zip(w, w0))
+        for a, c, w in zip(out["triton"], out["torch"], w0):
+            assert a.dtype == w.dtype
+            torch.testing.assert_close(a.float(), c.float(), **TOL[w.dtype])
+
+
+@needs_triton
+def test_cpu_groups_never_reach_a_compiled_kernel(monkeypatch):
+    # what the CPU part of a mixed CUDA/CPU list meets once the list as a whole took the Triton
+    # path: without the interpreter each CPU group must go to the reference, not to a kernel
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sam_perturb._kernel_runs_on(cuda, "auto") and sam_perturb._kernel_runs_on(cuda, "triton")
+    assert not sam_perturb._kernel_runs_on(cpu, "auto") and not sam_perturb._kernel_runs_on(cpu, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sam_perturb._kernel_runs_on(cpu, "triton") and not sam_perturb._kernel_runs_on(cpu, "auto")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    jitted = set(sam_perturb._JITTED)
+    w0, g = make(SIZES["mix"], torch.float32, 10), make(SIZES["mix"], torch.float32, 11)
+    for choice in ("auto", "triton"):
+        got = sam_perturb._sums_triton(g, w0, weighted=True, choice=choice)
+        torch.testing.assert_close(got, kernels.asam_sums(g, w0, backend="torch"), rtol=0, atol=0)
+        w, b = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
+        sumsq = kernels.sum_squares(g)
+        sam_perturb._axpy_triton(w, g, b, sumsq, 2.0, 1e-12, mode=2, adaptive=False, save=True,
+                                 choice=choice)
+        ref, rb = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
+        kernels.perturb_(ref, g, rb, sumsq, 2.0, backend="torch")
+        assert all(torch.equal(x, y) for x, y in zip(w, ref))
+        sam_perturb._copy_triton(w, b, choice)
+        assert all(torch.equal(x, y) for x, y in zip(w, w0))
+    assert set(sam_perturb._JITTED) == jitted                  # no kernel was made for them
+
+
+@pytest.mark.skipif(not (kernels.HAVE_TRITON and torch.cuda.is_available()), reason="needs a GPU")
+def test_a_list_mixing_cuda_and_cpu_tensors_matches_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    w0 = make(SIZES["mix"], torch.float32, 12)
+    w0 = [t.cuda() if k % 2 else t for k, t in enumerate(w0)]
+    g = [t.to(w.device) for t, w in zip(make(SIZES["mix"], torch.float32, 13), w0)]
+    assert kernels.backend(w0) == "triton"
+    assert kernels.sum_squares(g).item() == pytest.approx(
+        kernels.sum_squares(g, backend="torch").item(), rel=SUM_RTOL)
+    out = {}
+    for path in ("auto", "torch"):
+        w, b = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
+        kernels.perturb_(w, g, b, kernels.sum_squares(g), 2.0, backend=path)
+        out[path] = [t.clone() for t in w]
+        kernels.add_(w, g, torch.tensor(0.5, device="cuda"), backend=path)
+        kernels.restore_(w, b, backend=path)
+        assert all(torch.equal(x, y) for x, y in zip(w, w0))
+    close(out["auto"], out["torch"], torch.float32)
 
 
 @needs_triton

@@ -122,6 +122,14 @@ def test_directions_are_seeded_and_filter_normalised(tiny):
         random_directions(model, seed=0, norm="layer")
 
 
+def test_surface_refuses_low_precision_weights_it_would_walk_off_the_grid():
+    model = Quadratic().to(torch.bfloat16)
+    d = [torch.tensor([1.0, 0.0], dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match="bfloat16.*float32"):
+        surface(model, lambda m: m.w.sum(), d, d, grid(1.0, 3), grid(1.0, 3), progress=False)
+    assert model.w.tolist() == [0.30078125, -0.2001953125]               # untouched (bf16 values)
+
+
 def test_directions_save_and_load(tiny, tmp_path):
     model, _ = tiny
     d1, d2 = random_directions(model, seed=5)
@@ -167,12 +175,17 @@ def test_hutchinson_is_exact_when_the_hessian_is_diagonal():
 
 # ----------------------------------------------------------------------------- CLI and --compare
 
-def test_cli_writes_all_outputs_and_compare_writes_the_table(tiny_path, tmp_path):
-    common_args = dict(model=tiny_path, data="gsm8k", steps=3, batches=1, batch_size=2, max_len=128,
-                       directions=str(tmp_path / "dirs.pt"))
+def test_cli_writes_all_outputs_and_compare_writes_the_table(tiny, tiny_path, tmp_path):
+    common_args = dict(model=tiny_path, data="gsm8k", steps=3, batches=1, batch_size=2, max_len=128)
     m_a = landscape.main(out=str(tmp_path / "a"), hessian=True, hessian_iters=1, hutchinson_samples=2,
+                         directions=str(tmp_path / "dirs.pt"), **common_args)
+    # the same directions re-saved through the API without seed/norm: --compare must still read b
+    d1, d2, _ = landscape.load_directions(tmp_path / "dirs.pt", tiny[0])
+    landscape.save_directions(tmp_path / "anon.pt", tiny[0], d1, d2)
+    m_b = landscape.main(out=str(tmp_path / "b"), data_seed=1, directions=str(tmp_path / "anon.pt"),
                          **common_args)
-    m_b = landscape.main(out=str(tmp_path / "b"), data_seed=1, **common_args)  # reuses dirs.pt
+    with np.load(tmp_path / "b" / "surface.npz") as z:                  # no object arrays
+        assert z["seed"] == -1 and z["norm"] == "unknown"
     for run, m in (("a", m_a), ("b", m_b)):
         for f in ("surface.npz", "metrics.json", "args.json", "contour.png", "surface3d.png"):
             assert (tmp_path / run / f).stat().st_size > 0, (run, f)

@@ -343,3 +343,56 @@ def test_closure_form_two_passes_under_bf16_autocast_equals_explicit_steps():
     assert len(passes) == 4                                     # exactly two per SAM step
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert opt.last_perturbation_norm.item() == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A single-process gloo group: real DeviceMeshes, DTensors and FSDP wrappers without spawning."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
+def test_shardings_are_all_reduced_in_parameter_order(one_rank, monkeypatch):
+    # eight distinct meshes: a set of them iterates in hash order (DeviceMesh hashes strings and a
+    # thread id, so it differs between processes); ranks must all reduce in one agreed order
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    params = []
+    for i in range(8):
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=(f"dim{i}",))
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.full((4,), float(i + 1)), mesh, [Shard(0)])
+        params.append(p)
+    reduced, real = [], one_rank.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        reduced.append(tensor[0, 0].item())         # the bucket's sum of g^2: 4 (i + 1)^2
+        return real(tensor, *args, **kwargs)
+    monkeypatch.setattr(one_rank, "all_reduce", spy)
+    opt = SAM(params, torch.optim.SGD, rho=1.0, lr=0.0)
+    opt.first_step()
+    assert reduced == [4.0 * (i + 1) ** 2 for i in range(8)]
+    assert opt.last_grad_norm.item() == pytest.approx(math.sqrt(sum(4 * (i + 1) ** 2 for i in range(8))))
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_parameters_are_refused_naming_fully_shard(one_rank, use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    wrapped = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        SAM(wrapped.parameters(), lr=1e-3)
+    opt = SAM([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    with pytest.raises(ValueError, match="FSDP1"):
+        opt.add_param_group({"params": wrapped.parameters()})
+
+
+def test_a_scaler_given_only_to_second_step_is_refused():
+    model, x, y = make_model(), *batch()
+    opt, scaler = SAM(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu")
+    scaler.scale(loss_fn(model, x, y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(loss_fn(model, x, y)).backward()
+    with pytest.raises(RuntimeError, match="scaler= to first_step too"):
+        opt.second_step(scaler=scaler)

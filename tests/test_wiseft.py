@@ -53,7 +53,7 @@ def _state(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
-def test_alpha_0_and_1_reproduce_base_and_finetuned(folders, tmp_path):
+def test_alpha_0_and_1_reproduce_base_and_finetuned(folders, tmp_path, capsys):
     out = tmp_path / "sweep"
     written = wiseft.main(base=str(folders["A"]), finetuned=str(folders["B"]), alpha=[0.0, 1.0],
                           out=str(out))
@@ -67,6 +67,13 @@ def test_alpha_0_and_1_reproduce_base_and_finetuned(folders, tmp_path):
     record = json.loads((out / "alpha_1" / "wiseft.json").read_text())
     assert record["alpha"] == 1.0 and record["finetuned"] == str(folders["B"])
     assert json.loads((out / "args.json").read_text())["alpha"] == [0.0, 1.0]
+    # one alpha makes --out the model folder: replacing the sweep would delete alpha_0 and alpha_1
+    err = _refused(capsys, base=str(folders["A"]), finetuned=str(folders["B"]), alpha=[0.5], out=str(out))
+    assert "not a model folder" in err and str(out) in err
+    assert (out / "alpha_0" / "wiseft.json").exists() and (out / "alpha_1" / "wiseft.json").exists()
+    # an earlier output (it has wiseft.json) is replaced as before
+    wiseft.main(base=str(folders["A"]), finetuned=str(folders["B"]), alpha=[0.5], out=str(out / "alpha_1"))
+    assert json.loads((out / "alpha_1" / "wiseft.json").read_text())["alpha"] == 0.5
 
 
 def test_half_is_the_average_keeps_sharding_and_loads(folders, tmp_path):
