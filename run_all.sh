@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# The whole study in one command: stage-1 model -> stage-2 fine-tunes (AdamW vs SAM at equal compute,
+# a rho sweep, seeds, Wise-FT, rehearsal, data sets of increasing distance) -> evaluations -> loss
+# landscapes -> $OUT/REPORT.md, every number read from the files the steps wrote.
+#
+#   bash run_all.sh                           # PROFILE=smol: SmolLM2-135M-Instruct, offline, 2-core CPU -> results/
+#   PROFILE=tiny bash run_all.sh              # the same steps and report on the 2-layer `tiny` model -> results-tiny/
+#   PROFILE=smol-full bash run_all.sh         # smol with more items, 3 seeds, both near data sets
+#   PROFILE=paper bash run_all.sh             # the paper's models, data, hyperparameters (hub + 16 GPUs)
+#   DRY_RUN=1 PROFILE=paper bash run_all.sh   # print every command it would run, run nothing
+#   SEEDS="0 1 2" OUT=results2 bash run_all.sh --grad-clip 0   # overrides; extra args go to finetune.py
+#
+# Each step is skipped when its output exists, so running it again resumes an interrupted study (and
+# re-renders the report). Step logs: $OUT/logs/ (VERBOSE=1 also prints them). Multi-node: torchrun
+# reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, or set TORCHRUN_ARGS.
+# Every variable below can be overridden from the environment; the README explains each.
+set -euo pipefail
+[[ -z ${OUT:-} || $OUT == /* ]] || OUT=$PWD/$OUT   # a relative OUT is the caller's; the default is in the repo
+cd "$(dirname "$0")"
+
+PROFILE=${PROFILE:-smol}
+case $PROFILE in
+  tiny)
+    : "${MODEL:=tiny}" "${TASKS:=mmlu_stem boolq hellaswag arc_challenge truthfulqa_mc1}" "${LIMIT:=4}"
+    : "${DTYPE:=fp32}" "${PRECISION:=fp32}" "${TRAIN_LIMIT:=16}" "${HELDOUT:=8}" "${MAX_LEN:=128}"
+    : "${BATCH:=8}" "${MICRO:=4}" "${CANDIDATES:=jeopardy:1e-3:2}" "${RHOS:=0.05 2}"
+    : "${SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=gsm8k}" "${LS_STEPS:=3}" "${LS_BATCHES:=1}"
+    : "${LS_BATCH_SIZE:=2}" "${COSTS:=20 15 10 15 8}" ;;
+  smol|smol-full)
+    # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
+    CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
+    : "${MODEL:=smollm2-135m}" "${TASKS:=paper}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}" "${MAX_LEN:=256}"
+    : "${BATCH:=16}" "${MICRO:=8}" "${DISTANCE_NEAR:=gsm8k math}" "${LS_BATCH_SIZE:=8}"
+    : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 jeopardy:3e-4:2 mt-mbpp-haskell:3e-4:2 mt-mbpp-haskell:1e-3:2}"
+    if [[ $PROFILE == smol ]]; then
+      : "${LIMIT:=40}" "${TRAIN_LIMIT:=128}" "${HELDOUT:=32}" "${RHOS:=0.01 0.05 0.2 2}" "${SEEDS:=0 1}"
+      : "${OTHER_DATA:=gsm8k}" "${LS_STEPS:=7}" "${LS_BATCHES:=4}" "${COSTS:=170 45 15 60 10}"
+    else
+      : "${LIMIT:=100}" "${TRAIN_LIMIT:=256}" "${HELDOUT:=64}" "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}"
+      : "${SEEDS:=0 1 2}" "${OTHER_DATA:=gsm8k math}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
+      : "${COSTS:=330 100 25 150 10}"
+    fi ;;
+  paper)
+    : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${STAGE1_DATA:=alpaca}" "${STAGE1_ARGS:=--epochs 3 --lr 2e-5}"
+    : "${SIZE_MODELS:=TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T meta-llama/Llama-2-13b-hf}"
+    : "${TASKS:=paper}" "${LIMIT:=}" "${DTYPE:=bf16}" "${PRECISION:=bf16}" "${TRAIN_LIMIT:=}"
+    : "${HELDOUT:=200}" "${MAX_LEN:=512}" "${BATCH:=128}" "${MICRO:=4}" "${STAGE2_DATA:=open-platypus}"
+    : "${STAGE2_LR:=5e-6}" "${CALIBRATE:=0}" "${RHOS:=2}" "${SEEDS:=0}" "${OTHER_DATA:=sharegpt metamath}"
+    : "${DISTANCE_DATA:=open-platypus auto-wiki}" "${REHEARSAL_DATA:=alpaca}" "${REHEARSAL_RATIO:=0.1}"
+    : "${LANDSCAPE_DATA:=alpaca}" "${LS_STEPS:=21}" "${LS_BATCHES:=32}" "${LS_BATCH_SIZE:=4}"
+    : "${NPROC:=16}" "${COSTS:=7200 1800 120 3600 300}" ;;
+  *) echo "run_all.sh: error: unknown PROFILE=$PROFILE; use smol, tiny, smol-full or paper." >&2; exit 2 ;;
+esac
+# settings shared by the profiles (each overridable)
+: "${OUT:=results$([[ $PROFILE == smol ]] || echo "-$PROFILE")}" "${NPROC:=1}" "${DRY_RUN:=0}" "${VERBOSE:=0}"
+: "${PYTHON:=python}" "${STAGE1_DATA:=}"
+: "${STAGE1_ARGS:=}" "${SIZE_MODELS:=}" "${STAGE2_DATA:=}" "${STAGE2_LR:=}" "${STAGE2_EPOCHS:=2}"
+: "${CALIBRATE:=$([[ -n $STAGE2_DATA ]] && echo 0 || echo 1)}" "${CANDIDATES:=}" "${DISTANCE_NEAR:=}"
+: "${DISTANCE_DATA:=}" "${REHEARSAL_DATA:=naturalqs}" "${REHEARSAL_RATIO:=0.25}" "${WISEFT_ALPHA:=0.5}"
+: "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
+[[ $LIMIT != 0 && $LIMIT != all ]] || LIMIT=              # 0 or all: every item
+[[ $TRAIN_LIMIT != 0 && $TRAIN_LIMIT != all ]] || TRAIN_LIMIT=
+if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+fi
+read -r C_FT C_EVAL C_HELD C_LS C_WISEFT <<<"$COSTS"   # rough seconds per step, for the time left
+(( STAGE2_EPOCHS % 2 == 0 && STAGE2_EPOCHS > 0 )) || {
+  echo "run_all.sh: error: STAGE2_EPOCHS=$STAGE2_EPOCHS must be even (SAM runs half as many epochs)." >&2; exit 2; }
+EXTRA=("$@")
+if (( NPROC > 1 )); then
+  read -ra LAUNCH <<<"torchrun --nproc_per_node $NPROC $TORCHRUN_ARGS"
+else
+  LAUNCH=("$PYTHON")
+fi
+TRAIN=(--batch-size "$BATCH" --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --heldout "$HELDOUT"
+       --precision "$PRECISION" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
+read -ra TASK_LIST <<<"$TASKS"
+EVAL=(--tasks "${TASK_LIST[@]}" ${LIMIT:+--limit "$LIMIT"} --dtype "$DTYPE" --max-len "$MAX_LEN")
+SEED0=${SEEDS%% *}                    # the rho sweep, Wise-FT, rehearsal and other data use the first seed
+
+fmt() {  # seconds -> 4m05s, or 2h10m
+  if (($1 >= 3600)); then printf '%dh%02dm' $(($1 / 3600)) $(($1 % 3600 / 60))
+  else printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); fi
+}
+say() { echo "[run_all $(fmt $((SECONDS - START)))] $*"; }
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+dtag() { local b=${1%/}; b=${b##*/}; b=${b%.jsonl}; echo "${b%.json}"; }   # data set -> name part
+where() { local r=${1#"$OUT"}; echo "${r:+${r#/}/}"; }   # ROOT -> "" or "sizes/<model>/" (for labels)
+run_name() { echo "$(dtag "$1")_lr$2_e$3_$4${6:+_$6}_s$5"; }   # DATA LR EPOCHS METHOD SEED [rh]
+
+# step COST DONE LABEL CMD...: run CMD unless DONE exists. The plan pass only counts (and, with
+# DRY_RUN=1, prints); the run pass runs, logs to $OUT/logs and prints progress with the time left.
+step() {
+  local cost=$1 done=$2 label=$3; shift 3
+  [[ -z ${SEEN[$done]:-} ]] || return 0   # a model several tables need is trained once
+  SEEN[$done]=1
+  if [[ -e $done ]]; then
+    [[ $MODE == plan ]] || say "skip  $label ($done exists)"
+    return 0
+  fi
+  if [[ $MODE == plan ]]; then
+    TODO=$((TODO + 1)) TODO_COST=$((TODO_COST + cost))
+    if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; fi
+    return 0
+  fi
+  N=$((N + 1))
+  local log=$OUT/logs/${label//[ \/:]/_}.log t0=$SECONDS rc=0
+  say "[$N/$TODO] $label"
+  mkdir -p "$OUT/logs"
+  if [[ $VERBOSE == 1 ]]; then "$@" 2>&1 | tee "$log" || rc=$?; else "$@" >"$log" 2>&1 || rc=$?; fi
+  if (( rc != 0 )); then
+    tail -n 25 "$log" >&2
+    die "step '$label' failed (exit $rc); full log: $log. Fix it and rerun: finished steps are kept."
+  fi
+  RAN_S=$((RAN_S + SECONDS - t0)) DONE_COST=$((DONE_COST + cost))
+  local left=$(((TODO_COST - DONE_COST) * RAN_S / (DONE_COST > 0 ? DONE_COST : 1)))
+  say "[$N/$TODO] done in $(fmt $((SECONDS - t0))); about $(fmt $((left > 0 ? left : 0))) left"
+}
+
+stage1() {  # stage1 MODEL ROOT: sets STAGE1, the instruction-tuned model that stage 2 starts from
+  STAGE1=$1
+  [[ -n $STAGE1_DATA ]] || return 0
+  STAGE1=$2/runs/stage1
+  # shellcheck disable=SC2086  # STAGE1_ARGS is a list of flags
+  step "$C_FT" "$STAGE1/final.json" "stage 1 $(dtag "$1") on $STAGE1_DATA" "${LAUNCH[@]}" finetune.py \
+    --model "$1" --data "$STAGE1_DATA" --out "$STAGE1" $STAGE1_ARGS "${TRAIN[@]}" "${EXTRA[@]}"
+}
+
+evaluate() {  # evaluate ROOT NAME MODEL HELDOUT_FILE: general tasks + held-out in-domain loss
+  step "$C_EVAL" "$1/evals/$2/results.json" "evaluate $(where "$1")$2" "${LAUNCH[@]}" evaluate.py --model "$3" \
+    "${EVAL[@]}" --heldout "$4" --baseline "$1/evals/stage1" --out "$1/evals/$2"
+}
+
+stage2() {  # stage2 ROOT DATA adamw|sam<rho> SEED [rh]: one fine-tune of STAGE1, then its evaluations
+  local root=$1 data=$2 method=$3 seed=$4 rh=${5:-} epochs=$STAGE2_EPOCHS opt=()
+  if [[ $method == sam* ]]; then epochs=$((STAGE2_EPOCHS / 2)) opt=(--sam --rho "${method#sam}"); fi
+  [[ -z $rh ]] || opt+=(--rehearsal "$REHEARSAL_DATA" --rehearsal-ratio "$REHEARSAL_RATIO")
+  local name run held
+  name=$(run_name "$data" "$STAGE2_LR" "$epochs" "$method" "$seed" "$rh")
+  run=$root/runs/$name held=$root/runs/$name/heldout.jsonl
+  step "$C_FT" "$run/final.json" "finetune $(where "$root")$name" "${LAUNCH[@]}" finetune.py --model "$STAGE1" \
+    --data "$data" --out "$run" "${opt[@]}" --epochs "$epochs" --lr "$STAGE2_LR" --seed "$seed" \
+    "${TRAIN[@]}" "${EXTRA[@]}"
+  local base=$root/evals/stage1_heldout_$(dtag "$data")
+  step "$C_HELD" "$base/results.json" "held-out loss of $(where "$root")stage1 on $(dtag "$data")" "${LAUNCH[@]}" \
+    evaluate.py --model "$STAGE1" --tasks none --heldout "$held" --dtype "$DTYPE" --max-len "$MAX_LEN" --out "$base"
+  evaluate "$root" "$name" "$run" "$held"
+}
+
+wiseft() {  # wiseft ROOT DATA METHOD: interpolate STAGE1 and the first-seed run, then evaluate
+  local epochs=$STAGE2_EPOCHS
+  [[ $3 != sam* ]] || epochs=$((STAGE2_EPOCHS / 2))
+  local name; name=$(run_name "$2" "$STAGE2_LR" "$epochs" "$3" "$SEED0")
+  step "$C_WISEFT" "$1/runs/${name}_wiseft$WISEFT_ALPHA/wiseft.json" "wiseft $name" "$PYTHON" wiseft.py \
+    --base "$STAGE1" --finetuned "$1/runs/$name" --alpha "$WISEFT_ALPHA" --out "$1/runs/${name}_wiseft$WISEFT_ALPHA"
+  evaluate "$1" "${name}_wiseft$WISEFT_ALPHA" "$1/runs/${name}_wiseft$WISEFT_ALPHA" "$1/runs/$name/heldout.jsonl"
+}
+
+landscape() {  # landscape ROOT NAME MODEL: loss surface on the old-data stand-in, shared directions
+  step "$C_LS" "$1/landscape/$2/metrics.json" "landscape $2" "${LAUNCH[@]}" landscape.py --model "$3" \
+    --data "$LANDSCAPE_DATA" --out "$1/landscape/$2" --range "$LS_RANGE" --steps "$LS_STEPS" \
+    --batches "$LS_BATCHES" --batch-size "$LS_BATCH_SIZE" --max-len "$MAX_LEN" --dtype "$LS_DTYPE" \
+    --directions "$1/landscape/directions.pt"
+}
+
+calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py's choice
+  if [[ $CALIBRATE != 1 ]]; then
+    [[ -n $STAGE2_DATA && -n $STAGE2_LR ]] || die "CALIBRATE=0 needs STAGE2_DATA and STAGE2_LR \
+(for example STAGE2_DATA=mt-mbpp-haskell STAGE2_LR=3e-4)."
+    return 0
+  fi
+  local n; n=$(wc -w <<<"$CANDIDATES")
+  # shellcheck disable=SC2086  # CANDIDATES is a list
+  step $((n * (C_FT + C_EVAL + C_HELD) + C_EVAL)) "$OUT/calibration.json" "calibrate $n candidates" \
+    "$PYTHON" calibrate.py --model "$STAGE1" --out "$OUT" --candidates $CANDIDATES --tasks "${TASK_LIST[@]}" \
+    --limit "${LIMIT:-0}" --dtype "$DTYPE" --max-len "$MAX_LEN" --train-limit "${TRAIN_LIMIT:-0}" \
+    --heldout "$HELDOUT" --batch-size "$BATCH" --micro-batch-size "$MICRO" --precision "$PRECISION" \
+    --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${EXTRA[@]}"
+  if [[ -f $OUT/calibration.json ]]; then
+    read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" calibrate.py --show "$OUT/calibration.json")"
+  else  # plan pass before calibration has run: names hold placeholders
+    STAGE2_DATA=CALIBRATED STAGE2_LR=LR
+  fi
+}
+
+best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly learn (report.py --best-rho)
+  BEST_RHO=${RHOS%% *}
+  [[ $RHOS == *" "* ]] || return 0
+  local rho e=$((STAGE2_EPOCHS / 2))
+  for rho in $RHOS; do
+    [[ -f $OUT/evals/$(run_name "$STAGE2_DATA" "$STAGE2_LR" "$e" "sam$rho" "$SEED0")/results.json ]] || {
+      BEST_RHO=BEST; return 0; }   # plan pass: the sweep has not run yet
+  done
+  BEST_RHO=$("$PYTHON" report.py "${REPORT[@]}" --best-rho)
+}
+
+study() {
+  local d
+  stage1 "$MODEL" "$OUT"
+  MAIN_STAGE1=$STAGE1
+  calibration
+  DIST=${DISTANCE_DATA:-$DISTANCE_NEAR $STAGE2_DATA}
+  REPORT=(--out "$OUT" --profile "$PROFILE" --model "$MODEL" --stage1 "$MAIN_STAGE1" --data "$STAGE2_DATA"
+          --lr "$STAGE2_LR" --epochs "$STAGE2_EPOCHS" --other-data $OTHER_DATA --distance-data $DIST
+          --rhos $RHOS --seeds $SEEDS --wiseft-alpha "$WISEFT_ALPHA" --rehearsal-data "$REHEARSAL_DATA"
+          --rehearsal-ratio "$REHEARSAL_RATIO" --landscape-data "$LANDSCAPE_DATA" --size-models $SIZE_MODELS)
+  step "$C_EVAL" "$OUT/evals/stage1/results.json" "evaluate stage1" "${LAUNCH[@]}" evaluate.py \
+    --model "$STAGE1" "${EVAL[@]}" --out "$OUT/evals/stage1"
+  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0"
+  for rho in $RHOS; do stage2 "$OUT" "$STAGE2_DATA" "sam$rho" "$SEED0"; done
+  best_rho
+  for s in $SEEDS; do
+    stage2 "$OUT" "$STAGE2_DATA" adamw "$s"
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s"
+  done
+  wiseft "$OUT" "$STAGE2_DATA" adamw
+  wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO"
+  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh
+  stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh
+  for d in $OTHER_DATA; do
+    stage2 "$OUT" "$d" adamw "$SEED0"
+    stage2 "$OUT" "$d" "sam$BEST_RHO" "$SEED0"
+  done
+  for d in $DIST; do stage2 "$OUT" "$d" adamw "$SEED0"; done
+  landscape "$OUT" stage1 "$STAGE1"
+  for d in $DIST; do
+    d=$(run_name "$d" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
+    landscape "$OUT" "$d" "$OUT/runs/$d"
+  done
+  for m in $SIZE_MODELS; do  # Table 2(b): stage 1 and AdamW vs SAM on the main data, per model size
+    local root; root=$OUT/sizes/$(dtag "$m")
+    stage1 "$m" "$root"
+    step "$C_EVAL" "$root/evals/stage1/results.json" "evaluate stage1 $(dtag "$m")" "${LAUNCH[@]}" \
+      evaluate.py --model "$STAGE1" "${EVAL[@]}" --out "$root/evals/stage1"
+    stage2 "$root" "$STAGE2_DATA" adamw "$SEED0"
+    stage2 "$root" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0"
+  done
+}
+
+settings() {  # what the files in $OUT depend on; a resumed study must match it
+  printf '%s\n' "MODEL=$MODEL" "STAGE1_DATA=$STAGE1_DATA" "STAGE1_ARGS=$STAGE1_ARGS" "TASKS=$TASKS" \
+    "LIMIT=$LIMIT" "DTYPE=$DTYPE" "PRECISION=$PRECISION" "TRAIN_LIMIT=$TRAIN_LIMIT" "HELDOUT=$HELDOUT" \
+    "MAX_LEN=$MAX_LEN" "BATCH=$BATCH" "MICRO=$MICRO" "REHEARSAL_DATA=$REHEARSAL_DATA" \
+    "REHEARSAL_RATIO=$REHEARSAL_RATIO" "LANDSCAPE_DATA=$LANDSCAPE_DATA" "LS_RANGE=$LS_RANGE" \
+    "LS_STEPS=$LS_STEPS" "LS_BATCHES=$LS_BATCHES" "LS_BATCH_SIZE=$LS_BATCH_SIZE" "LS_DTYPE=$LS_DTYPE" \
+    "FINETUNE_ARGS=${EXTRA[*]}"
+}
+
+START=$SECONDS
+declare -A SEEN=()
+MODE=plan TODO=0 TODO_COST=0
+study
+if [[ $DRY_RUN == 1 ]]; then
+  printf '%q ' "$PYTHON" report.py "${REPORT[@]}"; echo
+  echo "# PROFILE=$PROFILE: $TODO steps, roughly $(fmt "$TODO_COST") on the machine the costs assume (COSTS)"
+  exit 0
+fi
+mkdir -p "$OUT"
+if [[ -f $OUT/study.txt ]] && ! diff -q <(settings) "$OUT/study.txt" >/dev/null; then
+  diff <(settings) "$OUT/study.txt" | grep '^[<>]' >&2 || true
+  die "$OUT/ holds a study run with other settings (< now, > there); use OUT=another_folder or remove $OUT/."
+fi
+settings >"$OUT/study.txt"
+say "PROFILE=$PROFILE into $OUT/: $TODO steps to run, roughly $(fmt "$TODO_COST") estimated"
+SEEN=() MODE=run N=0 RAN_S=0 DONE_COST=0
+study
+say "report: $PYTHON report.py ${REPORT[*]}"
+"$PYTHON" report.py "${REPORT[@]}"
+say "done: $OUT/REPORT.md"

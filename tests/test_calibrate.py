@@ -1,0 +1,93 @@
+"""calibrate.py: the choice rule on constructed candidates, and main() over constructed result files.
+
+The real training/evaluation path runs in tests/test_run_all.py (PROFILE=tiny calibrates first). Here the
+candidates' result files are written by the test with known numbers, and the launcher is `false`, so any
+step main() tried to run instead of reading its existing output would fail the test.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import calibrate
+import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _eval(folder, lp_drop, losses):
+    """An evaluate.py-shaped folder: 2 tasks x 10 items, lp = -1 - lp_drop + spread; held-out losses."""
+    folder.mkdir(parents=True)
+    items = [{"task": t, "id": str(i), "key": f"{t}{i}", "lp": -1.0 - lp_drop + 0.05 * (i % 3) * (lp_drop > 0)}
+             for t in ("boolq", "copa") for i in range(10)]
+    items += [{"task": "heldout", "id": str(i), "key": f"h{i}", "loss": x} for i, x in enumerate(losses)]
+    res = {"items_file": "items.jsonl", "tasks": {}, "unavailable": {}, "avg": {"score": 0.5},
+           "categories": {}, "heldout": {"loss": sum(losses) / len(losses)} if losses else None}
+    (folder / "results.json").write_text(json.dumps(res))
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+def _candidate(out, spec, lp_drop, gain, held=(2.0, 2.4, 1.6, 2.2, 1.8)):
+    c = calibrate.parse_candidate(spec)
+    name = report.run_name(c["data"], c["lr"], c["epochs"], "adamw", 0)
+    (out / "runs" / name).mkdir(parents=True)
+    (out / "runs" / name / "final.json").write_text("{}")
+    if not (out / "evals" / f"stage1_heldout_{c['data']}").exists():
+        _eval(out / "evals" / f"stage1_heldout_{c['data']}", 0.0, list(held))
+    _eval(out / "evals" / name, lp_drop, [h - gain + 0.01 * (i % 2) for i, h in enumerate(held)])
+
+
+def test_main_chooses_the_first_candidate_that_forgets_and_learns_and_stops_there(tmp_path):
+    _eval(tmp_path / "evals" / "stage1", 0.0, [])
+    _candidate(tmp_path, "jeopardy:1e-3:2", lp_drop=0.0, gain=1.0)      # learns, forgets nothing
+    _candidate(tmp_path, "squad:1e-3:2", lp_drop=0.3, gain=0.05)        # forgets, learns < 5% of 2.0
+    _candidate(tmp_path, "gsm8k:3e-4:2", lp_drop=0.3, gain=0.5)         # forgets and learns: the choice
+    res = calibrate.main(model="tiny", out=str(tmp_path), launch="false", limit=4, candidates=[
+        "jeopardy:1e-3:2", "squad:1e-3:2", "gsm8k:3e-4:2", "math:1e-3:4"])  # math has no files: never reached
+    assert res["choice"]["spec"] == "gsm8k:3e-4:2" and res["calibrated"]
+    assert [c["passed"] for c in res["candidates"]] == [False, False, True]
+    assert [(c["forgets"], c["learns"]) for c in res["candidates"]] == [(False, True), (True, False), (True, True)]
+    assert res["not_run"] == ["math:1e-3:4"]
+    assert res["candidates"][2]["general"]["mean"] == pytest.approx(-0.3 + 0.05 * 9 / 10)   # spread 0,.05,.1
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert saved["choice"] == res["choice"]
+    md = (tmp_path / "calibration.md").read_text()
+    assert "**Choice: gsm8k:3e-4:2** (calibrated)" in md and md.count("| jeopardy:1e-3:2 |") == 1
+    out = subprocess.run([sys.executable, "calibrate.py", "--show", str(tmp_path / "calibration.json")], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["gsm8k", "3e-4", "2"]
+
+
+def test_main_runs_a_missing_step_with_the_launcher(tmp_path):
+    _eval(tmp_path / "evals" / "stage1", 0.0, [])
+    with pytest.raises(RuntimeError, match="finetune .* failed"):     # `false` stands in for python
+        calibrate.main(model="tiny", out=str(tmp_path), launch="false", candidates=["gsm8k:1e-3:2"])
+    assert (tmp_path / "logs" / "calibrate_finetune_gsm8k_lr1e-3_e2_adamw_s0.log").is_file()
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def _judged(spec, g, gs, gain, gain_se, base=2.0):
+    return calibrate.judge({"spec": spec, "general": {"mean": g, "se": gs}, "gain": {"mean": gain, "se": gain_se},
+                            "heldout_loss_stage1": base})
+
+
+def test_rule_falls_back_to_the_learner_that_forgets_most_and_says_it_is_not_calibrated():
+    cands = [_judged("a", 0.02, 0.01, 0.5, 0.05),      # learns, improves
+             _judged("b", -0.02, 0.01, 0.6, 0.05),     # learns, drops by 2 SE only
+             _judged("c", -0.5, 0.01, 0.01, 0.05)]     # forgets a lot, learns nothing
+    assert [c["passed"] for c in cands] == [False, False, False]
+    i, ok, reason = calibrate.choose(cands)
+    assert (i, ok) == (1, False) and "No candidate passed" in reason
+    i, ok, _ = calibrate.choose([cands[2]])             # nobody learns: the most forgetting one
+    assert (i, ok) == (0, False)
+    assert calibrate.choose([_judged("d", -0.04, 0.01, 0.6, 0.05)])[:2] == (0, True)
+
+
+def test_candidate_specs_are_checked():
+    assert calibrate.parse_candidate("mt-mbpp-haskell:3e-4:4") == {
+        "spec": "mt-mbpp-haskell:3e-4:4", "data": "mt-mbpp-haskell", "lr": "3e-4", "epochs": "4"}
+    for bad in ("gsm8k:1e-4", "gsm8k:1e-4:3", "gsm8k:fast:2"):
+        with pytest.raises(ValueError, match="candidate"):
+            calibrate.parse_candidate(bad)

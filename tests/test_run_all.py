@@ -1,0 +1,134 @@
+"""run_all.sh: the paper profile's commands (dry run), and PROFILE=tiny end to end, whose REPORT.md must
+hold every table with the numbers of the files the steps wrote, then resume without rerunning anything."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(env, *args, timeout=60):
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env})
+
+
+def test_syntax():
+    subprocess.run(["bash", "-n", "run_all.sh"], cwd=ROOT, check=True)
+
+
+def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
+    r = _run({"PROFILE": "paper", "DRY_RUN": "1", "OUT": str(tmp_path / "p")}, "--grad-clip", "0.5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ft = [l for l in lines if " finetune.py " in l]
+    assert lines[0].startswith("torchrun --nproc_per_node 16 finetune.py --model meta-llama/Llama-2-7b-hf "
+                               "--data alpaca")
+    assert "--epochs 3 --lr 2e-5 --batch-size 128" in lines[0]
+    assert all(l.startswith("torchrun --nproc_per_node 16 ") and l.rstrip().endswith("--grad-clip 0.5") for l in ft)
+    adamw = [l for l in ft if "--data open-platypus" in l and "--sam" not in l and "--rehearsal" not in l]
+    sam = [l for l in ft if "--data open-platypus" in l and "--sam --rho 2 " in l and "--rehearsal" not in l]
+    assert len(adamw) == 3 and len(sam) == 3                   # 7B, TinyLlama, 13B
+    assert all("--epochs 2 --lr 5e-6" in l for l in adamw) and all("--epochs 1 --lr 5e-6" in l for l in sam)
+    for data in ("sharegpt", "metamath", "auto-wiki"):
+        assert any(f"--data {data} " in l for l in ft)
+    assert sum("--rehearsal alpaca" in l for l in ft) == 2
+    assert sum(" wiseft.py " in l for l in lines) == 2
+    assert sum(" landscape.py " in l and "--data alpaca" in l for l in lines) == 3   # stage 1, Platypus, Auto-Wiki
+    assert any("finetune.py --model TinyLlama/" in l and "--data alpaca" in l for l in ft)
+    assert any("finetune.py --model meta-llama/Llama-2-13b-hf --data alpaca" in l for l in ft)
+    assert lines[-2].startswith("python report.py ") and "--size-models TinyLlama/" in lines[-2]
+    assert not (tmp_path / "p").exists()
+    r = _run({"PROFILE": "paper", "DRY_RUN": "1", "NPROC": "2", "OUT": str(tmp_path / "p")})
+    assert r.stdout.startswith("torchrun --nproc_per_node 2 finetune.py")
+
+
+def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s")})
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("python calibrate.py --model smollm2-135m") and "mt-mbpp-haskell:1e-4:2" in lines[0]
+    for rho in ("0.01", "0.05", "0.2", "2"):
+        assert any(f"--sam --rho {rho} --epochs 1" in l for l in lines)
+    assert not any(l.startswith("torchrun") for l in lines)
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-4"})
+    assert "calibrate.py" not in r.stdout and "--out " + str(tmp_path / "s/runs/gsm8k_lr1e-4_e2_adamw_s0") in r.stdout
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k"})
+    assert r.returncode == 2 and "STAGE2_LR" in r.stderr
+    r = _run({"PROFILE": "huge", "DRY_RUN": "1"})
+    assert r.returncode == 2 and "unknown PROFILE=huge" in r.stderr
+
+
+# ----------------------------------------------------------------------------- PROFILE=tiny, end to end
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "results"
+    r = _run({"PROFILE": "tiny", "OUT": str(out)}, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout, (out / "REPORT.md").read_text(), json.loads((out / "report.json").read_text())
+
+
+def _row(md, start):
+    return next(l for l in md.splitlines() if l.startswith(start))
+
+
+def _items(folder):
+    return [json.loads(l) for l in (folder / "items.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
+    out, stdout, md, rep = tiny
+    assert "[1/" in stdout and "left" in stdout
+    for head in ("Table 1", "Table 2(a)", "Table 2(b)", "Table 2(c)", "Table 4", "Learning vs forgetting",
+                 "Seeds", "SAM runs", "Calibration of the stage-2 setting", "**Verdict.** "):
+        assert head in md
+    missing = [l for l in md.splitlines() if l.startswith("|") and "missing" in l]
+    assert not missing, missing                                  # every step ran: no cell lacks its file
+    assert rep["verdict"].split(":")[0] in ("Held", "Failed", "Failed as stated", "Could not be resolved")
+    cal = json.loads((out / "calibration.json").read_text())
+    data, lr = cal["choice"]["data"], cal["choice"]["lr"]
+    assert rep["settings"]["data"] == data and rep["best_rho"] in rep["settings"]["rhos"]
+    for name in ("stage1", "stage1_heldout_" + report.dtag(data)):
+        assert (out / "evals" / name / "results.json").is_file()
+
+    adamw = report.run_name(data, lr, 2, "adamw", 0)
+    res = json.loads((out / "evals" / adamw / "results.json").read_text())
+    row = _row(md, f"| {report.dtag(data)} | w/o SAM ({adamw})")
+    assert f"{100 * res['avg']['score']:.2f}" in row.split(" | ")[6]          # AVG column
+    # the in-domain gain and the general change, recomputed here from the per-item files
+    held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{report.dtag(data)}")}
+    gains = [held0[r["id"]] - r["loss"] for r in _items(out / "evals" / adamw) if r["task"] == "heldout"]
+    assert f"{sum(gains) / len(gains):+.3f}" in row.split(" | ")[8]
+    base = {(r["task"], r["id"]): r["lp"] for r in _items(out / "evals" / "stage1")}
+    by_task = {}
+    for r in _items(out / "evals" / adamw):
+        if r["task"] != "heldout":
+            by_task.setdefault(r["task"], []).append(r["lp"] - base[(r["task"], r["id"])])
+    general = sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
+    assert row.split(" | ")[7].startswith(f"{general:+.3f}")
+
+    lm = json.loads((out / "landscape" / "stage1" / "metrics.json").read_text())
+    st = json.loads((out / "evals" / "stage1" / "results.json").read_text())
+    assert _row(md, "| stage 1 | ").split(" | ")[1:5] == [f"{100 * lm[k]:.2f}" for k in ("sc", "ag", "mag")] + \
+        [f"{100 * st['categories']['DK']['score']:.2f}"]
+    assert f"| - | stage 1 | {100 * st['tasks']['hellaswag']['score']:.2f} | unavailable offline |" in md
+    sam = report.run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
+    rows = [json.loads(l) for l in (out / "runs" / sam / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rise = sum(r["loss_perturbed"] for r in rows) / len(rows) - sum(r["loss"] for r in rows) / len(rows)
+    assert _row(md, f"| {sam} | {rep['best_rho']} | ").split(" | ")[3] == f"{rise:+.3f}"
+    for fig in ("tradeoff.png", "categories.png", "landscape.png"):
+        assert (out / "figures" / fig).stat().st_size > 10_000
+
+
+def test_tiny_resumes_without_rerunning_and_refuses_other_settings(tiny):
+    out = tiny[0]
+    r = _run({"PROFILE": "tiny", "OUT": str(out)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ": 0 steps to run" in r.stdout
+    assert "skip  finetune" in r.stdout and "] [1/" not in r.stdout
+    r = _run({"PROFILE": "tiny", "OUT": str(out), "MAX_LEN": "96"})
+    assert r.returncode == 2 and "other settings" in r.stderr and "MAX_LEN=96" in r.stderr
