@@ -57,7 +57,7 @@ esac
 : "${STAGE1_ARGS:=}" "${SIZE_MODELS:=}" "${STAGE2_DATA:=}" "${STAGE2_LR:=}" "${STAGE2_EPOCHS:=2}"
 : "${CALIBRATE:=$([[ -n $STAGE2_DATA ]] && echo 0 || echo 1)}" "${CANDIDATES:=}" "${DISTANCE_NEAR:=}"
 : "${DISTANCE_DATA:=}" "${REHEARSAL_DATA:=naturalqs}" "${REHEARSAL_RATIO:=0.25}" "${WISEFT_ALPHA:=0.5}"
-: "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
+: "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=0.1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
 [[ $LIMIT != 0 && $LIMIT != all ]] || LIMIT=              # 0 or all: every item
 [[ $TRAIN_LIMIT != 0 && $TRAIN_LIMIT != all ]] || TRAIN_LIMIT=
 if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub

@@ -9,7 +9,7 @@ Prints one Markdown table and writes it, the numbers (bench.json) and args.json 
    Llama-2-7B decoder layer (202M fp32 parameters), as a share of the bandwidth of a plain copy
    measured in the same run, counting the 7 x 4 bytes per parameter the primitive must move
    (read g for the norm; read w, g and write w, copy; read copy, write w);
-2. one SAM step / one AdamW step on SmolLM2-135M, bf16 autocast, micro-batch 4 x 256 tokens of
+2. one SAM step / one AdamW step on SmolLM2-135M, bf16 autocast (fp32 where bf16 is emulated), micro-batch 4 x 256 tokens of
    random token ids, timed alternately so both see the same machine load;
 3. extra memory of SAM over AdamW in units of the parameter bytes: the bytes of the tensors the
    optimizer object holds (state, copies, buffers; not the parameters or their gradients) at the
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import kernels  # noqa: E402
+from finetune import resolve_precision  # noqa: E402
 from sam import SAM  # noqa: E402
 
 LLAMA7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 3 + [(4096,)] * 2
@@ -159,9 +160,9 @@ def held_bytes(obj, skip_ids, seen=None, depth=0):
     return sum(held_bytes(x, skip_ids, seen, depth + 1) for x in items)
 
 
-def make_step(kind, model, opt, ids, autocast_device, memory):
+def make_step(kind, model, opt, ids, autocast_device, memory, precision):
     def loss_backward():
-        with torch.autocast(autocast_device, dtype=torch.bfloat16):
+        with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     skip = {id(p) for p in model.parameters()}
@@ -180,7 +181,7 @@ def make_step(kind, model, opt, ids, autocast_device, memory):
     return step
 
 
-def bench_steps(model_name, batch, seq, device, repeats):
+def bench_steps(model_name, batch, seq, device, repeats, precision):
     model = common.load_model(model_name, device=device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -191,7 +192,7 @@ def bench_steps(model_name, batch, seq, device, repeats):
                   "per-parameter SAM wrapper": PerParameterSAM(params, rho=2.0, **kw),
                   "SAM, flattune": SAM(params, torch.optim.AdamW, rho=2.0, **kw)}
     memory = {k: [] for k in optimizers}
-    steps = {k: make_step(k, model, opt, ids, device.type, memory[k]) for k, opt in optimizers.items()}
+    steps = {k: make_step(k, model, opt, ids, device.type, memory[k], precision) for k, opt in optimizers.items()}
     times, cuda_peak = {k: [] for k in steps}, {k: 0 for k in steps}
     for k, step in steps.items():       # warm-up: allocates optimizer state and buffers
         step()
@@ -227,8 +228,9 @@ def bench_steps(model_name, batch, seq, device, repeats):
 
 
 def main(device: str = "cpu", quick: bool = False, repeats: int = 0, model: str = "",
-         out: str = "results/bench_sam") -> list:
+         out: str = "results/bench_sam", precision: str = "auto") -> list:
     device = torch.device(device)
+    precision = resolve_precision(precision, device)     # bf16 only where it has matrix units
     if device.type == "cuda" and not torch.cuda.is_available():
         common.die("--device cuda: no GPU is visible; run on a GPU machine or use --device cpu.")
     repeats = repeats or (1 if quick else 5)
@@ -238,8 +240,8 @@ def main(device: str = "cpu", quick: bool = False, repeats: int = 0, model: str 
     n, rows = bench_primitive(shapes, device, repeats)
     head = [(f"perturb+restore, {len(shapes)} tensors of a Llama-2-7B layer"
              f"{' (scaled down)' if quick else ''}, {n / 1e6:.0f}M fp32 params", None, "", "")]
-    n_model, step_rows = bench_steps(model, batch, seq, device, repeats)
-    head2 = [(f"{model} ({n_model / 1e6:.0f}M params), bf16 autocast, micro-batch {batch} x {seq}",
+    n_model, step_rows = bench_steps(model, batch, seq, device, repeats, precision)
+    head2 = [(f"{model} ({n_model / 1e6:.0f}M params), {precision} compute, micro-batch {batch} x {seq}",
               None, "", "")]
     table = ["| measurement | ms | result | target |", "|---|---:|---|---|"]
     for name, t, result, target in head + rows + head2 + step_rows:
@@ -261,6 +263,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="", help="model for the step timing "
                         "(default smollm2-135m; tiny with --quick)")
     parser.add_argument("--out", default="results/bench_sam", help="folder for table.md, bench.json")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="step compute: auto = bf16 on GPUs and CPUs with bf16 units, else fp32")
     args = parser.parse_args()
     common.write_json(Path(args.out) / "args.json", vars(args))
     main(**vars(args))
