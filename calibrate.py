@@ -19,8 +19,8 @@ in the order given, mildest first; the first that passes is chosen and the rest 
 uses, so the study reuses the chosen candidate's run instead of training it again.
 
 Rule (a candidate passes when both hold):
-  forgets  the paired general change of --metric (lp: log-probability of the correct choice,
-           normalised over the choices; mean over tasks) is below -FORGET_Z standard errors;
+  forgets  the paired general change of --metric (p: probability of the correct choice, softmax over
+           the choices; mean over tasks) is below -FORGET_Z standard errors;
   learns   the held-out in-domain loss falls by more than LEARN_Z standard errors and by at least
            LEARN_FRAC of the stage-1 model's held-out loss.
 If none passes: of the candidates that learn, the one that forgets most (most negative change / SE);
@@ -40,7 +40,8 @@ from pathlib import Path
 import report
 
 FORGET_Z, LEARN_Z, LEARN_FRAC = 3.0, 3.0, 0.05
-SMOL_CANDIDATES = ("mt-mbpp-haskell:1e-4:2", "jeopardy:3e-4:2", "mt-mbpp-haskell:3e-4:2", "mt-mbpp-haskell:1e-3:2")
+SMOL_CANDIDATES = ("mt-mbpp-haskell:1e-4:2", "mt-mbpp-haskell:1e-3:2", "jeopardy:1e-3:2", "rot13:1e-3:2")
+SMOL_TASKS, SMOL_LIMIT = ("paper", "arc_easy", "piqa"), ("40", "arc_easy=150", "piqa=150", "copa=100")
 
 
 def parse_candidate(spec: str) -> dict:
@@ -114,18 +115,20 @@ class Runner:
 
 
 def main(model: str = "smollm2-135m", out: str = "results", candidates: list = SMOL_CANDIDATES,
-         tasks: list = ("paper",), limit: int | None = 40, dtype: str = "fp32", max_len: int = 256,
-         train_limit: int | None = 128, heldout: int = 32, batch_size: int = 16, micro_batch_size: int = 8,
-         precision: str = "auto", seed: int = 0, metric: str = "lp", run_all: bool = False,
+         tasks: list = SMOL_TASKS, limit: int | list | None = SMOL_LIMIT, dtype: str = "fp32",
+         max_len: int = 256,
+         train_limit: int | None = 96, heldout: int = 32, batch_size: int = 16, micro_batch_size: int = 8,
+         precision: str = "auto", seed: int = 0, metric: str = "p", run_all: bool = False,
          launch: str | None = None, finetune_args: list = ()) -> dict:
     """Run the candidates, choose one by the rule, write calibration.json/.md; returns calibration.json."""
     args = dict(locals())
-    outp, limit, train_limit = Path(out), limit or None, train_limit or None   # 0: every item
+    outp, train_limit = Path(out), train_limit or None   # 0: every item
+    limit = [str(w) for w in ([limit] if isinstance(limit, (int, str)) else limit or []) if str(w) != "0"]
     specs = [parse_candidate(c) for c in candidates]
     if not specs:
         raise ValueError("--candidates is empty; give at least one DATA:LR:EPOCHS.")
     run = Runner(outp, shlex.split(launch) if launch else [sys.executable])
-    report_common = ["--tasks", *tasks, *(["--limit", limit] if limit else []), "--dtype", dtype, "--max-len", max_len]
+    report_common = ["--tasks", *tasks, *(["--limit", *limit] if limit else []), "--dtype", dtype, "--max-len", max_len]
     train = ["--batch-size", batch_size, "--micro-batch-size", micro_batch_size, "--max-len", max_len,
              "--heldout", heldout, "--precision", precision] + (["--limit", train_limit] if train_limit else [])
     run(outp / "evals/stage1/results.json", "evaluate stage1", "evaluate.py",
@@ -157,6 +160,7 @@ def main(model: str = "smollm2-135m", out: str = "results", candidates: list = S
               "calibrated": ok, "reason": reason, "metric": metric,
               "rule": {"forget_z": FORGET_Z, "learn_z": LEARN_Z, "learn_frac": LEARN_FRAC},
               "candidates": measured, "not_run": [c["spec"] for c in specs[len(measured):]],
+              "general_tasks": report.ability_text((report.load_eval(outp / "evals/stage1") or {}).get("items", [])),
               "settings": {k: v for k, v in args.items() if k not in ("out", "candidates")}}
     import common
     common.write_json(outp / "calibration_args.json", args)
@@ -170,10 +174,11 @@ def markdown(result: dict) -> str:
     f = lambda d, s=1: "missing" if not d or d.get("mean") is None else \
         f"{s * d['mean']:+.4f} ± {(d.get('se') or 0) * abs(s):.4f}"
     lines = [f"Candidates, in the order tried (AdamW, seed {result['settings']['seed']}; general = paired change "
-             f"of {result['metric']} vs the stage-1 model, mean over tasks ± SE, nats; in-domain = fall of the "
-             "held-out loss, nats/token):", "",
+             f"of {result['metric']} vs the stage-1 model, mean over tasks ± SE, "
+             f"{report.METRIC_TEXT[result['metric']][1]}; in-domain = fall of the held-out loss, nats/token):", "",
              "| candidate | general change ± SE | change / SE | stage-1 held-out loss | in-domain gain ± SE | "
              "Δ AVG (%) | forgets | learns | chosen |", "|---" * 9 + "|"]
+    lines[0:0] = [result["general_tasks"], ""] if result.get("general_tasks") else []
     yes = lambda b: "yes" if b else "no"
     for c in result["candidates"]:
         z = "missing" if c["forget_z"] is None else f"{c['forget_z']:+.2f}"
@@ -207,17 +212,18 @@ if __name__ == "__main__":
     p.add_argument("--model", default="smollm2-135m", help="the stage-1 model")
     p.add_argument("--out", default="results", help="the study folder (shared with run_all.sh)")
     p.add_argument("--candidates", nargs="+", default=list(SMOL_CANDIDATES), help="DATA:LR:EPOCHS, mildest first")
-    p.add_argument("--tasks", nargs="+", default=["paper"], help="evaluate.py --tasks")
-    p.add_argument("--limit", type=int, default=40, help="evaluation items per task (0: all)")
+    p.add_argument("--tasks", nargs="+", default=list(SMOL_TASKS), help="evaluate.py --tasks")
+    p.add_argument("--limit", nargs="+", default=list(SMOL_LIMIT),
+                   help="evaluation items per task (0: all), and TASK=N for one task's (evaluate.py --limit)")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="evaluation dtype (bf16 needs AMX)")
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--train-limit", type=int, default=128, help="training items per candidate (0: all)")
+    p.add_argument("--train-limit", type=int, default=96, help="training items per candidate (0: all)")
     p.add_argument("--heldout", type=int, default=32, help="held-out items of the stage-2 data")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="finetune.py --precision")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", default="lp", choices=["lp", "margin", "acc", "acc_norm"])
+    p.add_argument("--metric", default="p", choices=list(report.METRIC_TEXT), help="per-item general metric")
     p.add_argument("--all", dest="run_all", action="store_true", help="run every candidate, even after a pass")
     p.add_argument("--launch", default=None, help='launcher of the stages, e.g. "torchrun --nproc_per_node 2"')
     p.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after --: extra finetune.py arguments")

@@ -3,6 +3,7 @@
 Launch:
   python evaluate.py                                   # smollm2-135m, every paper task, -> runs/eval/smollm2-135m
   python evaluate.py --model runs/ft --limit 200 --baseline runs/eval/smollm2-135m/results.json
+  python evaluate.py --limit 40 arc_easy=150 piqa=150    # 40 items per task, 150 of those two
   python evaluate.py --model runs/ft --tasks none --heldout runs/ft/heldout.jsonl   # in-domain loss only
   python evaluate.py --tasks boolq my_task.jsonl --shots 5 --scoring ppl --dtype bf16
   torchrun --nproc_per_node 2 evaluate.py --model runs/ft   # items sharded across ranks, gathered
@@ -24,6 +25,8 @@ lm-evaluation-harness does (trailing context spaces moved into the continuation,
 tokens = tok(context + c_j) minus the tokens of tok(context)). acc = [argmax ll_j == label];
 acc_norm = [argmax ll_j / len_j == label] (len_j in characters of the choice, as lm-eval);
 lp = log_softmax(ll)[label] (log-probability of the correct choice normalised over the item's choices);
+p = exp(lp) (its probability: an expected accuracy, which a flatter choice distribution does not raise
+on a task at chance, whereas lp rises there - see the README's "Measuring forgetting");
 margin = ll_label - max_{j != label} ll_j. --scoring ppl adds acc_ppl: argmin over j of the mean NLL of
 the whole filled-in text (OpenCompass PPLInferencer: summed NLL over the token count), and makes it
 every task's primary metric. A task's score is its primary metric (TASKS: acc, or acc_norm where
@@ -36,17 +39,18 @@ Outputs in --out: results.json, items.jsonl, table.md (the paper's Table 2 layou
   {"model", "settings": {dtype, limit, shots, seed, scoring, batch_size, max_len, tasks},
    "items_file": "items.jsonl", "speed": {"items", "seconds", "items_per_s"},
    "tasks": {name: {"category", "metric", "n", "source", "fewshot_source", "score", "score_se",
-                    "acc", "acc_se", "acc_norm", "acc_norm_se", "lp", "lp_se", "margin", "margin_se",
+                    "acc", "acc_se", "acc_norm", "acc_norm_se", "lp", "lp_se", "p", "p_se", "margin",
+                    "margin_se",
                     ["acc_ppl", "acc_ppl_se"]}},
    "unavailable": {name: reason},
    "categories": {name: {"tasks": [...], "missing": {name: reason}, "partial", "score", "score_se", "lp",
-                         "lp_se"}},            # DK, Understanding, Reasoning, Exams, In-domain, Extra, Custom
-   "avg": {"score", "score_se", "lp", "lp_se", "partial", "categories": [...]},
+                         "lp_se", "p", "p_se"}},   # DK, Understanding, Reasoning, Exams, In-domain, Extra, Custom
+   "avg": {"score", "score_se", "lp", "lp_se", "p", "p_se", "partial", "categories": [...]},
    "heldout": {"file", "n", "loss", "loss_se", "max_len"} | null,
    "delta": null | {"baseline", "tasks": {name: {metric: {"mean", "se", "n"}}},
-                    "categories": {name: {"score": {...}, "lp": {...}}}, "avg": {...}, "heldout": {...}}}
+                    "categories": {name: {"score": {...}, "lp": {...}, "p": {...}}}, "avg": {...}, "heldout": {...}}}
 items.jsonl, one line per item: {"task", "id", "key", "subject", "label", "lls", "lengths", "pred",
-  "pred_norm", "acc", "acc_norm", "lp", "margin", ["pred_ppl", "acc_ppl"]}; held-out records: {"task":
+  "pred_norm", "acc", "acc_norm", "lp", "p", "margin", ["pred_ppl", "acc_ppl"]}; held-out records: {"task":
   "heldout", "id", "key", "loss", "tokens"}. `key` hashes the prompt and choices, so --baseline pairs
 only identical items (same id, same prompt) and refuses anything else.
 
@@ -76,7 +80,8 @@ from tasks import (  # noqa: F401  (re-exported: the task table and loaders move
     CATEGORIES, FORMATS, GROUPS, MMLU, PAPER_CATEGORIES, TASKS, TRUTHFULQA_PROMPT, TaskUnavailable, _key, _pick,
     _read, load_jsonl, load_task, resolve_tasks)
 
-METRICS = ("acc", "acc_norm", "lp", "margin")
+METRICS = ("acc", "acc_norm", "lp", "p", "margin")
+SUMMED = ("score", "lp", "p")  # the metrics averaged into categories and AVG
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -185,6 +190,7 @@ def _item_result(it, lls, ppl_nll=None):
     r = {"task": it["task"], "id": it["id"], "key": it["key"], "subject": it["subject"], "label": lab,
          "lls": lls, "lengths": it["lengths"], "pred": pred, "pred_norm": pred_norm,
          "acc": float(pred == lab), "acc_norm": float(pred_norm == lab), "lp": lls[lab] - lse,
+         "p": math.exp(lls[lab] - lse),
          "margin": lls[lab] - max((x for j, x in enumerate(lls) if j != lab), default=0.0)}
     if ppl_nll is not None:
         r["pred_ppl"] = min(range(n), key=lambda j: ppl_nll[j])
@@ -288,9 +294,10 @@ def _combine(parts):
     return {"mean": sum(p["mean"] for p in parts) / len(parts), "se": se}
 
 
-def paired_diff(a_items, b_items, metric="acc"):
-    """Paired per-item difference a - b over the items both hold ({"mean", "se", "n"}, stratified by
-    subject like the scores). Items pair by (task, id) and must carry the same prompt key."""
+def paired_diff(a_items, b_items, metric="acc", by="subject"):
+    """Paired per-item difference a - b over the items both hold ({"mean", "se", "n"}), stratified by the
+    item field `by`: "subject" within a task (like its score), "task" for a mean over tasks. Items pair by
+    (task, id) and must carry the same prompt key."""
     b = {(r["task"], r["id"]): r for r in b_items}
     diffs, strata = [], []
     for r in a_items:
@@ -301,7 +308,7 @@ def paired_diff(a_items, b_items, metric="acc"):
             raise ValueError(f"task {r['task']} item {r['id']} has a different prompt in the baseline; paired "
                              f"differences need both runs on the same items, shots and format.")
         diffs.append(r[metric] - o[metric])
-        strata.append(r.get("subject"))
+        strata.append(r.get(by))
     return stats(diffs, strata)
 
 
@@ -328,15 +335,16 @@ def summarize(items, unavailable, settings):
         if not present and c in ("In-domain", "Extra", "Custom"):
             continue
         missing = {n: unavailable.get(n, "not requested") for n in names if n not in tasks}
-        sc, lp = _combine([{"mean": tasks[n]["score"], "se": tasks[n]["score_se"]} for n in present]), \
-            _combine([{"mean": tasks[n]["lp"], "se": tasks[n]["lp_se"]} for n in present])
-        cats[c] = {"tasks": present, "missing": missing, "partial": bool(missing), "score": sc["mean"],
-                   "score_se": sc["se"], "lp": lp["mean"], "lp_se": lp["se"]}
+        cats[c] = {"tasks": present, "missing": missing, "partial": bool(missing)}
+        for m in SUMMED:
+            cm = _combine([{"mean": tasks[n][m], "se": tasks[n][m + "_se"]} for n in present])
+            cats[c][m], cats[c][m + "_se"] = cm["mean"], cm["se"]
     scored = [c for c in PAPER_CATEGORIES if c in cats and cats[c]["score"] is not None]
-    sc = _combine([{"mean": cats[c]["score"], "se": cats[c]["score_se"]} for c in scored])
-    lp = _combine([{"mean": cats[c]["lp"], "se": cats[c]["lp_se"]} for c in scored])
-    avg = {"score": sc["mean"], "score_se": sc["se"], "lp": lp["mean"], "lp_se": lp["se"], "categories": scored,
+    avg = {"categories": scored,
            "partial": len(scored) < len(PAPER_CATEGORIES) or any(cats[c]["partial"] for c in scored)}
+    for m in SUMMED:
+        am = _combine([{"mean": cats[c][m], "se": cats[c][m + "_se"]} for c in scored])
+        avg[m], avg[m + "_se"] = am["mean"], am["se"]
     held = by_task.get("heldout")
     heldout = None
     if held:
@@ -360,9 +368,9 @@ def compare(results, items, base_results, base_items):
     for c, cat in results["categories"].items():
         ts = [n for n in cat["tasks"] if n in delta["tasks"]]
         if ts:
-            delta["categories"][c] = {m: _combine([delta["tasks"][n][m] for n in ts]) for m in ("score", "lp")}
+            delta["categories"][c] = {m: _combine([delta["tasks"][n][m] for n in ts]) for m in SUMMED}
     cs = [c for c in PAPER_CATEGORIES if c in delta["categories"] and c in base_results["categories"]]
-    delta["avg"] = {m: _combine([delta["categories"][c][m] for c in cs]) for m in ("score", "lp")}
+    delta["avg"] = {m: _combine([delta["categories"][c][m] for c in cs]) for m in SUMMED}
     delta["avg"]["categories"] = cs
     delta["heldout"] = paired_diff([r for r in items if r["task"] == "heldout"],
                                    [r for r in base_items if r["task"] == "heldout"], "loss")
@@ -397,13 +405,13 @@ def markdown(results, base=None):
         out.append("| Δ (paired) | " + " | ".join(_pct(x.get("mean"), x.get("se"), True) for x in cells) + " |")
     out += ["", "Scores in %; * = partial (some of the category's tasks unavailable or not run; AVG "
             "over the categories present).", "",
-            "| task | category | metric | n | score | lp (nats) | Δ score | Δ lp |", "|---" * 8 + "|"]
+            "| task | category | metric | n | score | lp (nats) | p | Δ score | Δ lp | Δ p |", "|---" * 10 + "|"]
     for name, t in results["tasks"].items():
         dt = d.get("tasks", {}).get(name)
-        delta = [_pct(dt["score"]["mean"], dt["score"]["se"], True),
-                 _pct(dt["lp"]["mean"], dt["lp"]["se"], True, 1, 4)] if dt else ["", ""]
+        delta = [_pct(dt["score"]["mean"], dt["score"]["se"], True), _pct(dt["lp"]["mean"], dt["lp"]["se"], True, 1, 4),
+                 _pct(dt["p"]["mean"], dt["p"]["se"], True)] if dt else ["", "", ""]
         out.append(f"| {name} | {t['category']} | {t['metric']} | {t['n']} | {_pct(t['score'], t['score_se'])} | "
-                   f"{_pct(t['lp'], t['lp_se'], False, 1, 4)} | {delta[0]} | {delta[1]} |")
+                   f"{_pct(t['lp'], t['lp_se'], False, 1, 4)} | {_pct(t['p'], t['p_se'])} | {' | '.join(delta)} |")
     h = results.get("heldout")
     if h:
         out += ["", f"Held-out in-domain loss ({h['file']}, n={h['n']}): {_pct(h['loss'], h['loss_se'], False, 1, 4)}"]
@@ -481,16 +489,34 @@ def _gather(local):
     return [r for p in parts for r in p]
 
 
+def parse_limit(words) -> dict:
+    """--limit words -> {task or None: n}: "N" is every task's limit, "task=N" one task's (N = 0: all)."""
+    out = {}
+    for w in [words] if isinstance(words, (int, str)) else words or []:
+        task, _, n = str(w).rpartition("=")
+        if not n.isdigit() or (task and task in out):
+            raise ValueError(f"--limit {w!r}: write N or TASK=N with N a whole number (0: every item), "
+                             f"each task once, e.g. --limit 40 arc_easy=150.")
+        out[task or None] = int(n) or None
+    return out
+
+
+def _limit_of(limit, name):
+    return limit.get(name, limit.get(None)) if isinstance(limit, dict) else limit
+
+
 def evaluate_model(model, tokenizer, tasks=("paper",), limit=None, shots=0, batch_size=8, scoring="loglik",
                    seed=1234, heldout=None, max_len=512, model_name="model"):
     """Score `tasks` (names, groups, .jsonl files) and optionally a held-out instruction file; under
-    torchrun every rank scores its share and all ranks return the gathered results. Returns the results
-    dict of the module docstring plus "items" (the per-item results)."""
+    torchrun every rank scores its share and all ranks return the gathered results. `limit`: items per
+    task, an int or parse_limit's dict. Returns the results dict of the module docstring plus "items"
+    (the per-item results)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     items, unavailable, info = [], {}, {}
     for name in resolve_tasks(tasks):
         try:
-            its = load_task(name, limit, shots, seed)
+            its = load_task(name, _limit_of(limit, Path(name).stem if name.endswith(".jsonl") else name),
+                            shots, seed)
         except TaskUnavailable as e:
             unavailable[name] = str(e)
             common.log(f"eval {name}: unavailable ({e})")
@@ -506,7 +532,8 @@ def evaluate_model(model, tokenizer, tasks=("paper",), limit=None, shots=0, batc
         records = data.load_records(heldout) if isinstance(heldout, (str, Path)) else heldout
         local += heldout_loss(model, tokenizer, records, max_len, batch_size, rank, world)
     results_items = _gather(local)
-    settings = {"limit": limit, "shots": shots, "seed": seed, "scoring": scoring, "batch_size": batch_size,
+    settings = {"limit": {str(k) if k else "*": v for k, v in limit.items()} if isinstance(limit, dict) else limit,
+                "shots": shots, "seed": seed, "scoring": scoring, "batch_size": batch_size,
                 "max_len": max_len, "tasks": list(tasks), "world_size": world,
                 "heldout": str(heldout) if isinstance(heldout, (str, Path)) else None}
     res = {"model": model_name, "settings": settings, "items_file": "items.jsonl",
@@ -548,14 +575,22 @@ def _read_results(path):
 
 
 def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | None = None,
-         limit: int | None = None, shots: int = 0, batch_size: int = 8, dtype: str = "fp32",
+         limit: int | list | None = None, shots: int = 0, batch_size: int = 8, dtype: str = "fp32",
          scoring: str = "loglik", seed: int = 1234, baseline: str | None = None, heldout: str | None = None,
          max_len: int = 512) -> dict:
-    if limit is not None and limit < 1 or shots < 0 or batch_size < 1 or max_len < 8:
+    if isinstance(limit, int) and limit < 1 or shots < 0 or batch_size < 1 or max_len < 8:
         common.die("--limit and --batch-size must be >= 1, --shots >= 0 and --max-len >= 8.")
+    try:
+        limit = parse_limit(limit) if limit is not None and not isinstance(limit, int) else limit
+    except ValueError as e:
+        common.die(str(e))
     out = Path(out or Path("runs/eval") / Path(model.rstrip("/")).name)
     try:
-        resolve_tasks(tasks)
+        names = {Path(n).stem if n.endswith(".jsonl") else n for n in resolve_tasks(tasks)}
+        extra = [k for k in limit if k is not None and k not in names] if isinstance(limit, dict) else []
+        if extra:
+            raise ValueError(f"--limit {extra[0]}=...: {extra[0]} is not among the tasks evaluated; name one of "
+                             f"--tasks (e.g. {sorted(names)[0]}).")
         base = _read_results(baseline) if baseline else None
         if heldout and not Path(heldout).is_file():
             raise FileNotFoundError(f"--heldout {heldout}: no such file; pass the heldout .jsonl finetune.py wrote.")
@@ -575,7 +610,8 @@ def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | 
         common.die(str(e))
     if common.is_main():
         res.setdefault("delta", None)
-        common.write_json(out / "args.json", {"model": model, "tasks": list(tasks), "out": str(out), "limit": limit,
+        common.write_json(out / "args.json", {"model": model, "tasks": list(tasks), "out": str(out),
+                                              "limit": res["settings"]["limit"],
                                               "shots": shots, "batch_size": batch_size, "dtype": dtype,
                                               "scoring": scoring, "seed": seed, "baseline": baseline,
                                               "heldout": heldout, "max_len": max_len})
@@ -598,7 +634,8 @@ if __name__ == "__main__":
     p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder | hub name")
     p.add_argument("--tasks", nargs="+", default=["paper"], help="task names, groups, .jsonl files or folders")
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<model name>)")
-    p.add_argument("--limit", type=int, default=None, help="a fixed seeded subset of N items per task")
+    p.add_argument("--limit", nargs="+", default=None,
+                   help="a fixed seeded subset of N items per task; TASK=N sets one task's (0: every item)")
     p.add_argument("--shots", type=int, default=0, help="k-shot prompts from the task's train split")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

@@ -11,8 +11,9 @@ of every table), figures/*.png and report_args.json. A file that is missing give
 Model names (run_all.sh builds the same): <data>_lr<lr>_e<epochs>_<adamw|sam<rho>>[_rh]_s<seed>,
 "+ _wiseft<alpha>" for Wise-FT; stage-1 evaluations are evals/stage1 and evals/stage1_heldout_<data>.
 
-Statistics. General ability = the paired per-item change of --metric (default lp: the log-probability
-of the correct choice normalised over the item's choices) against the stage-1 model on the same items:
+Statistics. General ability = the paired per-item change of --metric (default p: the probability of the
+correct choice, softmax over the item's choices; lp, its log, rises spuriously when a model that is at
+chance on a task becomes less confident - README "Measuring forgetting") against the stage-1 model:
 the mean over tasks of each task's mean change, SE = sqrt(sum_t var_t / n_t) / T (sample variances).
 In-domain = the paired change of the per-item held-out loss (gain = stage-1 loss - model loss).
 A difference is called significant at Z = 2 standard errors. Across seeds: mean and sample std.
@@ -22,9 +23,12 @@ import json
 import math
 from pathlib import Path
 
+from evaluate import TASKS, paired_diff
+
 CATS = ("DK", "Understanding", "Reasoning", "Exams")
 Z = 2.0                        # standard errors for "significant" in the verdict
 LEARN_Z, LEARN_SHARE = 3.0, 0.5   # a radius "clearly learns": gain > 3 SE and >= half of AdamW's gain
+ABILITY_Z = 2.0                # a task counts for forgetting when stage 1 is > 2 SE above chance on it
 
 
 def dtag(data: str) -> str:
@@ -38,36 +42,19 @@ def run_name(data, lr, epochs, method, seed, rehearsal=False) -> str:
 
 # ----------------------------------------------------------------------------- statistics
 
-def mean_se(values, strata=None) -> dict:
-    """{"mean", "se", "n"}: the mean of the stratum means and its SE (sample variances; a stratum of
-    one item borrows the pooled variance)."""
-    if not values:
-        return {"mean": None, "se": None, "n": 0}
-    groups = {}
-    for v, s in zip(values, strata or [None] * len(values)):
-        groups.setdefault(s, []).append(v)
-    var = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-    pooled = var(values)
-    total = sum((var(g) if len(g) > 1 else pooled) / len(g) for g in groups.values())
-    k = len(groups)
-    return {"mean": sum(sum(g) / len(g) for g in groups.values()) / k,
-            "se": math.sqrt(total) / k if len(values) > 1 else None, "n": len(values)}
+METRIC_TEXT = {  # --metric: what the general change measures, and its unit
+    "p": ("probability of the correct choice (softmax over the item's choices; an expected accuracy)",
+          "probability"),
+    "lp": ("log-probability of the correct choice normalised over the item's choices", "nats"),
+    "margin": ("log-likelihood of the correct choice minus the best other choice", "nats"),
+    "acc": ("accuracy (argmax of the summed log-likelihoods)", "fraction"),
+    "acc_norm": ("accuracy with length-normalised log-likelihoods", "fraction")}
 
 
 def paired(a_items, b_items, metric: str) -> dict:
-    """a - b per item over the items both hold (same task and id), stratified by task."""
-    b = {(r["task"], r["id"]): r for r in b_items}
-    diffs, strata = [], []
-    for r in a_items:
-        o = b.get((r["task"], r["id"]))
-        if o is None or metric not in r or metric not in o:
-            continue
-        if r.get("key") != o.get("key"):
-            raise ValueError(f"item {r['task']}/{r['id']} differs between two evaluations being paired; "
-                             f"evaluate every model with the same tasks, --limit and --seed.")
-        diffs.append(r[metric] - o[metric])
-        strata.append(r["task"])
-    return mean_se(diffs, strata)
+    """a - b per item over the items both hold (same task and id), stratified by task: the mean over
+    tasks of each task's mean change, and its SE."""
+    return paired_diff(a_items, b_items, metric, by="task")
 
 
 def combine(parts) -> dict:
@@ -106,8 +93,52 @@ def spearman(x, y):
 
 # ----------------------------------------------------------------------------- reading the files
 
-def general(items):
-    return [i for i in items if i["task"] != "heldout"]
+def general(items, tasks=None):
+    """The general-task items (no held-out records), only those of `tasks` when given."""
+    return [i for i in items if i["task"] != "heldout" and (tasks is None or i["task"] in tasks)]
+
+
+def ability_tasks(stage1_items) -> dict:
+    """The tasks the stage-1 model can do: its score (the task's primary metric) is above chance (mean
+    of 1 / #choices) by more than ABILITY_Z binomial standard errors at chance. Forgetting is measured
+    on these: a task at chance has nothing to forget, only noise (and a confidence shift there moves
+    lp, see METRIC_TEXT). Returns {task: {"score", "chance", "n", "z", "able"}}."""
+    by = {}
+    for r in general(stage1_items):
+        by.setdefault(r["task"], []).append(r)
+    out = {}
+    for t, rs in by.items():
+        metric = TASKS[t][1] if t in TASKS else "acc"
+        if any(metric not in r or not r.get("lls") for r in rs):
+            continue  # not an evaluate.py multiple-choice record
+        n = len(rs)
+        score = sum(r[metric] for r in rs) / n
+        chance = sum(1 / len(r["lls"]) for r in rs) / n
+        z = (score - chance) / math.sqrt(chance * (1 - chance) / n) if 0 < chance < 1 else 0.0
+        out[t] = {"score": score, "chance": chance, "n": n, "z": z, "able": z > ABILITY_Z}
+    return out
+
+
+def ability_text(stage1_items) -> str:
+    """One paragraph: which tasks the general change averages, and why."""
+    ab = ability_tasks(stage1_items)
+    if not ab:
+        return "General change: the stage-1 evaluation is missing."
+    cell = lambda t: f"{t} {100 * ab[t]['score']:.1f}% (chance {100 * ab[t]['chance']:.1f}%, n {ab[t]['n']})"
+    able = [cell(t) for t, a in ab.items() if a["able"]]
+    rest = [cell(t) for t, a in ab.items() if not a["able"]]
+    if not able:
+        return ("General change: averaged over every task, because the stage-1 model is not above chance by "
+                f"{ABILITY_Z:g} SE on any ({'; '.join(rest)}).")
+    return (f"General change: averaged over the tasks where the stage-1 model is above chance by more than "
+            f"{ABILITY_Z:g} binomial SE - {'; '.join(able)}. Not counted (nothing measurable to forget): "
+            f"{'; '.join(rest) or 'none'}. The tables still show every task's score.")
+
+
+def general_tasks(stage1_items) -> list | None:
+    """The tasks the general change averages: the ability tasks, or every task (None) if there are none."""
+    able = [t for t, a in ability_tasks(stage1_items).items() if a["able"]]
+    return able or None
 
 
 def heldout(items):
@@ -152,7 +183,8 @@ def measure(root: Path, name: str, data: str | None, metric: str) -> dict:
              avg_delta=((r.get("delta") or {}).get("avg") or {}).get("score"))
     base = load_eval(root / "evals" / "stage1") if name != "stage1" else None
     if base:
-        m["general"] = paired(general(items), general(base["items"]), metric)
+        m["general_tasks"] = general_tasks(base["items"])
+        m["general"] = paired(general(items, m["general_tasks"]), general(base["items"]), metric)
     hb = load_eval(root / "evals" / f"stage1_heldout_{dtag(data)}") if data else None
     if r.get("heldout"):
         m["heldout_loss"] = r["heldout"]["loss"]
@@ -213,7 +245,8 @@ def verdict(s, models) -> tuple[str, dict]:
     if not pairs:
         return "The paper's direction could not be checked: the AdamW and SAM evaluations are missing.", {}
     forget = combine([a.get("general") for a, _ in pairs])
-    dg = combine([paired(general(b["items"]), general(a["items"]), s.metric) for a, b in pairs])
+    keep = pairs[0][0].get("general_tasks")
+    dg = combine([paired(general(b["items"], keep), general(a["items"]), s.metric) for a, b in pairs])
     dl = combine([paired(heldout(b["items"]), heldout(a["items"]), "loss") for a, b in pairs])
     info = {"adamw_general": forget, "sam_minus_adamw_general": dg, "sam_minus_adamw_heldout_loss": dl}
     k, rho = len(pairs), s.best_rho
@@ -221,10 +254,11 @@ def verdict(s, models) -> tuple[str, dict]:
     if forget["mean"] is None or dg["mean"] is None or forget["mean"] > -Z * forget["se"]:
         info["outcome"] = "unresolved"
         return (f"Could not be resolved: AdamW did not forget measurably here (general {s.metric} change "
-                f"{f(forget)} nats over {k} seed(s)), so there was no forgetting for SAM to reduce.", info)
+                f"{f(forget)} {METRIC_TEXT[s.metric][1]} over {k} seed(s)), so there was no forgetting for SAM "
+                "to reduce.", info)
     learned_less = dl["mean"] is not None and dl["se"] is not None and dl["mean"] > Z * dl["se"]
-    nums = (f"SAM (rho {rho}) minus AdamW: general {s.metric} {f(dg)} nats, in-domain held-out loss "
-            f"{f(dl)} nats ({k} seed(s), paired SE)")
+    nums = (f"SAM (rho {rho}) minus AdamW: general {s.metric} {f(dg)} {METRIC_TEXT[s.metric][1]}, in-domain "
+            f"held-out loss {f(dl)} nats ({k} seed(s), paired SE)")
     if dg["mean"] > Z * dg["se"] and not learned_less:
         info["outcome"] = "held"
         return f"Held: SAM forgot significantly less than AdamW without learning significantly less ({nums}).", info
@@ -285,7 +319,8 @@ def table_1(s, M):
     for label, n, m in rows:
         lm = read_json(Path(s.out) / "landscape" / n / "metrics.json")
         vals = [lm[k] * lm.get("percent_scale", 100.0) if lm else None for k in ("sc", "ag", "mag")]
-        pts.append((vals, 0.0 if m is st else -m["general"]["mean"] if m.get("general") else None))
+        g = (m.get("general") or {}).get("mean")
+        pts.append((vals, 0.0 if m is st else None if g is None else -g))
         out.append(f"| {label} | " + " | ".join("missing" if v is None else f"{v:.2f}" for v in vals)
                    + f" | {score_cell(m, st, 'DK')} | {'reference' if m is st else pm(m.get('general'))} |")
     ok = [(v, f) for v, f in pts if f is not None and None not in v]
@@ -390,9 +425,11 @@ def render(s, M, verdict_text, why_rho, cal_md):
             f"**Verdict.** {verdict_text}", "",
             "Scores in % (evaluate.py's task metrics; category = mean of its tasks, AVG = mean of the categories "
             "available) with the change against the stage-1 model in brackets. General Δ" + s.metric + ": paired "
-            "per-item change of the log-probability of the correct choice normalised over the choices, mean over "
-            "tasks ± SE, nats. In-domain gain: paired fall of the held-out loss on the stage-2 data, nats/token. "
-            "'missing' = a result file is absent; 'unavailable' = the tasks have no offline copy.", ""]
+            f"per-item change of the {METRIC_TEXT[s.metric][0]}, mean over the tasks below ± SE, "
+            f"{METRIC_TEXT[s.metric][1]}. In-domain gain: paired fall of the held-out loss on the stage-2 data, "
+            "nats/token. "
+            "'missing' = a result file is absent; 'unavailable' = the tasks have no offline copy.", "",
+            ability_text(M["stage1"].get("items") or []), ""]
     body = (["## Table 1: flatness of the landscape vs forgetting", ""] + t1 + [""] + table_2(s, M)
             + ["", "## Table 4: in-domain benchmarks", ""] + table_4(s, M)
             + ["", "## Learning vs forgetting", ""] + table_learning(s, M) + ["", "![trade-off](figures/tradeoff.png)"]
@@ -450,7 +487,8 @@ def fig_tradeoff(s, M, path):
         point([b], f"{dtag(d)} SAM", "+")
     ax.axhline(0, color="gray", lw=0.5)
     ax.set(xlabel="in-domain gain: fall of the held-out loss (nats/token)",
-           ylabel=f"general Δ{s.metric} vs stage 1 (nats)", title="learning vs forgetting (bars: SE)")
+           ylabel=f"general Δ{s.metric} vs stage 1 ({METRIC_TEXT[s.metric][1]})",
+           title="learning vs forgetting (bars: SE)")
     ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -502,7 +540,7 @@ def _save(fig, path):
 SETTINGS = {"profile": "smol", "model": "smollm2-135m", "stage1": None, "data": None, "lr": None, "epochs": "2",
             "other_data": [], "distance_data": [], "rhos": ["2"], "seeds": ["0"], "wiseft_alpha": "0.5",
             "rehearsal_data": "naturalqs", "rehearsal_ratio": "0.25", "landscape_data": "naturalqs",
-            "size_models": [], "metric": "lp"}
+            "size_models": [], "metric": "p"}
 
 
 def main(out: str = "results", best_rho_only: bool = False, **given) -> str:
@@ -571,7 +609,7 @@ if __name__ == "__main__":
     p.add_argument("--rehearsal-ratio")
     p.add_argument("--landscape-data")
     p.add_argument("--size-models", nargs="*", help="extra model sizes for Table 2(b) (under OUT/sizes/)")
-    p.add_argument("--metric", choices=["lp", "margin", "acc", "acc_norm"], help="per-item general metric")
+    p.add_argument("--metric", choices=list(METRIC_TEXT), help="per-item general metric (default p)")
     a = vars(p.parse_args())
     try:
         result = main(**a)

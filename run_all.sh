@@ -29,16 +29,18 @@ case $PROFILE in
   smol|smol-full)
     # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
-    : "${MODEL:=smollm2-135m}" "${TASKS:=paper}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}" "${MAX_LEN:=256}"
-    : "${BATCH:=16}" "${MICRO:=8}" "${DISTANCE_NEAR:=gsm8k math}" "${LS_BATCH_SIZE:=8}"
-    : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 jeopardy:3e-4:2 mt-mbpp-haskell:3e-4:2 mt-mbpp-haskell:1e-3:2}"
-    if [[ $PROFILE == smol ]]; then
-      : "${LIMIT:=40}" "${TRAIN_LIMIT:=128}" "${HELDOUT:=32}" "${RHOS:=0.01 0.05 0.2 2}" "${SEEDS:=0 1}"
-      : "${OTHER_DATA:=gsm8k}" "${LS_STEPS:=7}" "${LS_BATCHES:=4}" "${COSTS:=170 45 15 60 10}"
+    : "${MODEL:=smollm2-135m}" "${TASKS:=paper arc_easy piqa}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
+    : "${MAX_LEN:=256}" "${BATCH:=16}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
+    if [[ $PROFILE == smol ]]; then  # sized for about an hour on a 2-core CPU in fp32 (README: Cost)
+      : "${LIMIT:=40 arc_easy=150 piqa=150 copa=100}" "${TRAIN_LIMIT:=96}" "${HELDOUT:=32}"
+      : "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02 0.1 2}" "${SEEDS:=0 1}" "${OTHER_DATA:=}"
+      : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=4}" "${COSTS:=260 130 20 90 15}"
     else
-      : "${LIMIT:=100}" "${TRAIN_LIMIT:=256}" "${HELDOUT:=64}" "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}"
-      : "${SEEDS:=0 1 2}" "${OTHER_DATA:=gsm8k math}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
-      : "${COSTS:=330 100 25 150 10}"
+      : "${LIMIT:=100 arc_easy=300 piqa=300 copa=0}" "${TRAIN_LIMIT:=128}" "${HELDOUT:=64}"
+      : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 mt-mbpp-haskell:1e-3:2 jeopardy:1e-3:2 rot13:1e-3:2}"
+      : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=jeopardy gsm8k}"
+      : "${DISTANCE_NEAR:=naturalqs gsm8k mt-mbpp-haskell}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
+      : "${COSTS:=420 300 30 300 15}"
     fi ;;
   paper)
     : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${STAGE1_DATA:=alpaca}" "${STAGE1_ARGS:=--epochs 3 --lr 2e-5}"
@@ -75,7 +77,8 @@ fi
 TRAIN=(--batch-size "$BATCH" --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --heldout "$HELDOUT"
        --precision "$PRECISION" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
 read -ra TASK_LIST <<<"$TASKS"
-EVAL=(--tasks "${TASK_LIST[@]}" ${LIMIT:+--limit "$LIMIT"} --dtype "$DTYPE" --max-len "$MAX_LEN")
+read -ra LIMITS <<<"$LIMIT"            # "40 arc_easy=150": 40 items per task, 150 of arc_easy
+EVAL=(--tasks "${TASK_LIST[@]}" ${LIMIT:+--limit "${LIMITS[@]}"} --dtype "$DTYPE" --max-len "$MAX_LEN")
 SEED0=${SEEDS%% *}                    # the rho sweep, Wise-FT, rehearsal and other data use the first seed
 
 fmt() {  # seconds -> 4m05s, or 2h10m
@@ -173,7 +176,7 @@ calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py'
   # shellcheck disable=SC2086  # CANDIDATES is a list
   step $((n * (C_FT + C_EVAL + C_HELD) + C_EVAL)) "$OUT/calibration.json" "calibrate $n candidates" \
     "$PYTHON" calibrate.py --model "$STAGE1" --out "$OUT" --candidates $CANDIDATES --tasks "${TASK_LIST[@]}" \
-    --limit "${LIMIT:-0}" --dtype "$DTYPE" --max-len "$MAX_LEN" --train-limit "${TRAIN_LIMIT:-0}" \
+    --limit "${LIMITS[@]:-0}" --dtype "$DTYPE" --max-len "$MAX_LEN" --train-limit "${TRAIN_LIMIT:-0}" \
     --heldout "$HELDOUT" --batch-size "$BATCH" --micro-batch-size "$MICRO" --precision "$PRECISION" \
     --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${EXTRA[@]}"
   if [[ -f $OUT/calibration.json ]]; then

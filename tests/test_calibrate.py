@@ -44,7 +44,7 @@ def test_main_chooses_the_first_candidate_that_forgets_and_learns_and_stops_ther
     _candidate(tmp_path, "jeopardy:1e-3:2", lp_drop=0.0, gain=1.0)      # learns, forgets nothing
     _candidate(tmp_path, "squad:1e-3:2", lp_drop=0.3, gain=0.05)        # forgets, learns < 5% of 2.0
     _candidate(tmp_path, "gsm8k:3e-4:2", lp_drop=0.3, gain=0.5)         # forgets and learns: the choice
-    res = calibrate.main(model="tiny", out=str(tmp_path), launch="false", limit=4, candidates=[
+    res = calibrate.main(model="tiny", out=str(tmp_path), launch="false", metric="lp", limit=4, candidates=[
         "jeopardy:1e-3:2", "squad:1e-3:2", "gsm8k:3e-4:2", "math:1e-3:4"])  # math has no files: never reached
     assert res["choice"]["spec"] == "gsm8k:3e-4:2" and res["calibrated"]
     assert [c["passed"] for c in res["candidates"]] == [False, False, True]
@@ -63,7 +63,7 @@ def test_main_chooses_the_first_candidate_that_forgets_and_learns_and_stops_ther
 def test_main_runs_a_missing_step_with_the_launcher(tmp_path):
     _eval(tmp_path / "evals" / "stage1", 0.0, [])
     with pytest.raises(RuntimeError, match="finetune .* failed"):     # `false` stands in for python
-        calibrate.main(model="tiny", out=str(tmp_path), launch="false", candidates=["gsm8k:1e-3:2"])
+        calibrate.main(model="tiny", out=str(tmp_path), launch="false", metric="lp", candidates=["gsm8k:1e-3:2"])
     assert (tmp_path / "logs" / "calibrate_finetune_gsm8k_lr1e-3_e2_adamw_s0.log").is_file()
     assert not (tmp_path / "calibration.json").exists()
 

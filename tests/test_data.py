@@ -25,7 +25,7 @@ def test_every_name_is_documented():
 
 
 @pytest.mark.parametrize("name,count", [("gsm8k", 1319), ("math", 5000), ("mbpp", 500),
-                                        ("mt-mbpp-rust", 500), ("jeopardy", 2116)])
+                                        ("mt-mbpp-rust", 500), ("jeopardy", 2116), ("rot13", 803)])
 def test_offline_sets_load_whole(name, count):
     recs = data.load_records(name)
     assert len(recs) == count
@@ -36,6 +36,19 @@ def test_gsm8k_solutions_are_cleaned():
     r = data.load_records("gsm8k")[0]
     assert "Janet" in r["instruction"] and "<<" not in r["output"] and "####" not in r["output"]
     assert r["output"].endswith("The answer is: 18")
+
+
+def test_rot13_is_the_encoding_of_one_first_sentence_per_passage():
+    recs = data.load_records("rot13")
+    assert recs[0]["input"].startswith("Older than The Game by 23 years") and recs[0]["input"].endswith("schools.")
+    for r in recs:
+        assert r["output"] != r["input"] and r["output"].translate(ROT13) == r["input"]
+        assert len(r["input"]) <= 160 and "Background:" not in r["input"] and "\n" not in r["input"]
+    assert len({r["input"] for r in recs}) == len(recs)
+
+
+ROT13 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+                      "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm")
 
 
 def test_coqa_is_multi_turn_chat():

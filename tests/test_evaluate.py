@@ -73,12 +73,13 @@ def test_metrics_definitions_and_acc_norm_disagreeing(tiny, tmp_path):
     assert r["pred"] == 0 and r["pred_norm"] == 1 and (r["acc"], r["acc_norm"]) == (0.0, 1.0)
     assert lls[0] / lens[0] < lls[1] / lens[1]
     assert r["lp"] == pytest.approx(lls[1] - math.log(math.exp(lls[0]) + math.exp(lls[1])))
+    assert r["p"] == pytest.approx(math.exp(lls[1]) / (math.exp(lls[0]) + math.exp(lls[1])))
     assert r["margin"] == pytest.approx(lls[1] - lls[0])
 
 
 def _res(task, i, acc, subject=None, lp=-1.0):
     return {"task": task, "id": str(i), "key": f"k{i}", "subject": subject, "acc": acc, "acc_norm": acc,
-            "lp": lp, "margin": 0.0}
+            "lp": lp, "p": math.exp(lp), "margin": 0.0}
 
 
 def test_categories_partial_and_mmlu_subject_means():
@@ -109,6 +110,7 @@ def test_category_and_avg_standard_errors_combine_task_errors():
     assert reas["score"] == pytest.approx(0.625) and reas["lp"] == pytest.approx(-1.0)
     assert reas["score_se"] == pytest.approx(math.sqrt(se_boolq ** 2 + se_copa ** 2) / 2)
     assert reas["lp_se"] == 0.0 and exams["score_se"] == pytest.approx(se_arc)
+    assert reas["p"] == pytest.approx(math.exp(-1.0)) and res["avg"]["p"] == pytest.approx(math.exp(-1.0))
     assert res["avg"]["score"] == pytest.approx((0.625 + 0.5) / 2)
     assert res["avg"]["score_se"] == pytest.approx(math.sqrt(reas["score_se"] ** 2 + se_arc ** 2) / 2)
     one = E.summarize(items + [_res("rte", 0, 1.0)], {}, {"scoring": "loglik"})  # n = 1: no SE to combine
@@ -231,6 +233,17 @@ def test_heldout_loss_equals_a_direct_computation(tiny):
     assert sorted(int(r["id"]) for r in got) == [0, 1, 2]
 
 
+def test_per_task_limits_parse_and_bad_ones_are_refused(tmp_path, capsys):
+    assert E.parse_limit(["40", "arc_easy=150", "piqa=0"]) == {None: 40, "arc_easy": 150, "piqa": None}
+    assert E.parse_limit(7) == {None: 7}
+    for bad in (["forty"], ["piqa=1", "piqa=2"], ["piqa=-1"]):
+        with pytest.raises(ValueError, match="TASK=N"):
+            E.parse_limit(bad)
+    with pytest.raises(SystemExit):
+        E.main("tiny", ["boolq"], str(tmp_path / "x"), limit=["3", "piqa=5"])
+    assert "piqa is not among the tasks evaluated" in capsys.readouterr().err
+
+
 def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
     task = tmp_path / "arith.jsonl"
     task.write_text("".join(json.dumps({"context": f"{i}+1=", "choices": [f" {i + 1}", f" {i + 2}"], "label": 0}) + "\n"
@@ -246,8 +259,9 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
                                                                               "category_Reasoning.png"]
     assert base["unavailable"]["ax_b"] and base["tasks"]["boolq"]["n"] == 3 and base["heldout"]["n"] == 3
     assert base["categories"]["Custom"]["tasks"] == ["arith"]
-    res = E.main("tiny", ["boolq", str(task)], str(tmp_path / "b"), limit=3, heldout=str(held), scoring="ppl",
-                 baseline=str(tmp_path / "a" / "results.json"))
+    res = E.main("tiny", ["boolq", str(task)], str(tmp_path / "b"), limit=["3", "arith=0"], heldout=str(held),
+                 scoring="ppl", baseline=str(tmp_path / "a" / "results.json"))
+    assert res["tasks"]["arith"]["n"] == 4 and res["settings"]["limit"] == {"*": 3, "arith": None}
     d = res["delta"]  # same model, same items: every paired difference is exactly zero
     assert d["tasks"]["boolq"]["acc"] == {"mean": 0.0, "se": 0.0, "n": 3} and d["heldout"]["mean"] == 0.0
     assert d["categories"]["Reasoning"]["score"] == {"mean": 0.0, "se": 0.0} and d["avg"]["categories"] == ["Reasoning"]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+import evaluate
 import report
 
 TASKS = ("mmlu_stem", "boolq")
@@ -26,13 +27,31 @@ def test_mean_se_and_paired_match_a_hand_computation():
     assert d["n"] == 5
     assert d["mean"] == pytest.approx(2.0)                                # mean of the task means (2 + 2) / 2
     assert d["se"] == pytest.approx(math.sqrt(1 / 3 + 8 / 2) / 2)          # sqrt(sum var_t / n_t) / T
-    flat = report.mean_se([1.0, 2.0, 3.0, 10.0])
+    flat = evaluate.stats([1.0, 2.0, 3.0, 10.0])
     assert flat["mean"] == pytest.approx(4.0)
     assert flat["se"] == pytest.approx(math.sqrt(((9 + 4 + 1 + 36) / 3) / 4))
 
 
+def test_general_change_counts_only_tasks_the_stage1_model_is_above_chance_on():
+    # copa: 16 of 20 right, chance 1/2: z = (0.8 - 0.5) / sqrt(0.25 / 20) = 2.68 > 2 -> counted;
+    # boolq: 8 of 10 right: z = 0.3 / sqrt(0.025) = 1.90 -> not; mmlu_stem: 1 of 4 right, chance 1/4 -> not
+    mk = lambda t, i, ok, k, p: {**_item(t, i, acc=float(ok), p=p), "lls": [0.0] * k}
+    base = [mk("copa", i, i < 16, 2, 0.6) for i in range(20)] + [mk("boolq", i, i < 8, 2, 0.6) for i in range(10)]
+    base += [mk("mmlu_stem", i, i == 0, 4, 0.3) for i in range(4)]
+    ab = report.ability_tasks(base)
+    assert ab["copa"]["z"] == pytest.approx(0.3 / math.sqrt(0.25 / 20)) and ab["copa"]["able"]
+    assert ab["boolq"]["z"] == pytest.approx(0.3 / math.sqrt(0.025)) and not ab["boolq"]["able"]
+    assert ab["mmlu_stem"]["chance"] == pytest.approx(0.25) and not ab["mmlu_stem"]["able"]
+    assert report.general_tasks(base) == ["copa"]
+    model = [{**r, "p": r["p"] - (0.1 if r["task"] == "copa" else 0.5)} for r in base]
+    keep = report.general_tasks(base)
+    assert report.paired(report.general(model, keep), report.general(base), "p")["mean"] == pytest.approx(-0.1)
+    assert "copa 80.0% (chance 50.0%, n 20)" in report.ability_text(base)
+    assert report.general_tasks([mk("boolq", i, i < 5, 2, 0.5) for i in range(10)]) is None  # none: every task
+
+
 def test_paired_refuses_items_with_a_different_prompt():
-    with pytest.raises(ValueError, match="same tasks"):
+    with pytest.raises(ValueError, match="different prompt"):
         report.paired([_item("A", 0, lp=1.0)], [{**_item("A", 0, lp=0.0), "key": "other"}], "lp")
 
 
@@ -96,7 +115,7 @@ def test_best_rho_skips_a_radius_that_forgets_nothing_because_it_learns_nothing(
 
 @pytest.mark.parametrize("sam_drop, outcome", [(0.1, "held"), (0.9, "failed"), (0.5, "unresolved")])
 def test_verdict_follows_the_paired_numbers(tmp_path, sam_drop, outcome):
-    s = report.argparse.Namespace(out=str(_study(tmp_path, sam_drop)), **{**report.SETTINGS, **S})
+    s = report.argparse.Namespace(out=str(_study(tmp_path, sam_drop)), **{**report.SETTINGS, **S, "metric": "lp"})
     s.best_rho = "0.05"
     s.names = report.names(s)
     M = {n: report.measure(tmp_path, n, "gsm8k", "lp") for n in [*s.names["adamw"].values(), *s.names["sam"].values()]}
@@ -107,7 +126,7 @@ def test_verdict_follows_the_paired_numbers(tmp_path, sam_drop, outcome):
 
 
 def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_path):
-    text = report.main(out=str(_study(tmp_path)), **S)
+    text = report.main(out=str(_study(tmp_path)), metric="lp", **S)
     md = (tmp_path / "REPORT.md").read_text()
     assert text.startswith("Held") and f"**Verdict.** {text}" in md
     adamw = report.run_name("gsm8k", "1e-4", 2, "adamw", 0)

@@ -50,8 +50,9 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
 def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s")})
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("python calibrate.py --model smollm2-135m") and "mt-mbpp-haskell:1e-4:2" in lines[0]
-    for rho in ("0.01", "0.05", "0.2", "2"):
+    assert lines[0].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[0]
+    assert "--limit 40 arc_easy=150 piqa=150 copa=100 --dtype" in lines[0]
+    for rho in ("0.02", "0.1", "2"):
         assert any(f"--sam --rho {rho} --epochs 1" in l for l in lines)
     assert not any(l.startswith("torchrun") for l in lines)
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-4"})
@@ -103,11 +104,12 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{report.dtag(data)}")}
     gains = [held0[r["id"]] - r["loss"] for r in _items(out / "evals" / adamw) if r["task"] == "heldout"]
     assert f"{sum(gains) / len(gains):+.3f}" in row.split(" | ")[8]
-    base = {(r["task"], r["id"]): r["lp"] for r in _items(out / "evals" / "stage1")}
+    base = {(r["task"], r["id"]): r["p"] for r in _items(out / "evals" / "stage1")}
+    keep = report.general_tasks(_items(out / "evals" / "stage1"))   # the tasks above chance (tiny: all)
     by_task = {}
     for r in _items(out / "evals" / adamw):
-        if r["task"] != "heldout":
-            by_task.setdefault(r["task"], []).append(r["lp"] - base[(r["task"], r["id"])])
+        if r["task"] != "heldout" and (keep is None or r["task"] in keep):
+            by_task.setdefault(r["task"], []).append(r["p"] - base[(r["task"], r["id"])])
     general = sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
     assert row.split(" | ")[7].startswith(f"{general:+.3f}")
 
