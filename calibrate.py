@@ -116,8 +116,8 @@ class Runner:
 
 def main(model: str = "smollm2-135m", out: str = "results", candidates: list = SMOL_CANDIDATES,
          tasks: list = SMOL_TASKS, limit: int | list | None = SMOL_LIMIT, dtype: str = "fp32",
-         max_len: int = 256,
-         train_limit: int | None = 96, heldout: int = 32, batch_size: int = 16, micro_batch_size: int = 8,
+         max_len: int = 256, train_limit: int | None = 96, heldout: int = 32, batch_size: int = 16,
+         micro_batch_size: int = 8,
          precision: str = "auto", seed: int = 0, metric: str = "p", run_all: bool = False,
          launch: str | None = None, finetune_args: list = ()) -> dict:
     """Run the candidates, choose one by the rule, write calibration.json/.md; returns calibration.json."""

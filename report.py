@@ -14,8 +14,9 @@ Model names (run_all.sh builds the same): <data>_lr<lr>_e<epochs>_<adamw|sam<rho
 Statistics. General ability = the paired per-item change of --metric (default p: the probability of the
 correct choice, softmax over the item's choices; lp, its log, rises spuriously when a model that is at
 chance on a task becomes less confident - README "Measuring forgetting") against the stage-1 model:
-the mean over tasks of each task's mean change, SE = sqrt(sum_t var_t / n_t) / T (sample variances).
-In-domain = the paired change of the per-item held-out loss (gain = stage-1 loss - model loss).
+the mean over tasks of each task's mean change, SE = sqrt(sum_t var_t / n_t) / T (sample variances),
+over the tasks the stage-1 model is above chance on by > ABILITY_Z binomial SE (ability_tasks; every
+task when there are none). In-domain = the paired change of the per-item held-out loss (gain = stage-1 loss - model loss).
 A difference is called significant at Z = 2 standard errors. Across seeds: mean and sample std.
 """
 import argparse

@@ -31,7 +31,7 @@ case $PROFILE in
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
     : "${MODEL:=smollm2-135m}" "${TASKS:=paper arc_easy piqa}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
     : "${MAX_LEN:=256}" "${BATCH:=16}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then  # sized for about an hour on a 2-core CPU in fp32 (README: Cost)
+    if [[ $PROFILE == smol ]]; then  # ~1h15m on a quiet 2-core CPU in fp32 (measured; README: Cost)
       : "${LIMIT:=40 arc_easy=150 piqa=150 copa=100}" "${TRAIN_LIMIT:=96}" "${HELDOUT:=32}"
       : "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02 0.1 2}" "${SEEDS:=0 1}" "${OTHER_DATA:=}"
       : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=4}" "${COSTS:=260 130 20 90 15}"
