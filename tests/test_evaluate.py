@@ -143,6 +143,18 @@ def test_every_offline_task_loads_with_the_right_fields():
         E.load_task("ax_b")  # hub only; the hub is off in tests
 
 
+def test_disk_rows_are_read_lazily_and_keep_their_identity():
+    """tasks._Rows reads a datasets folder row by row; the same index gives the same object (the few-shot
+    draw excludes the item itself by identity) and slices / negative indices behave like a list."""
+    import datasets
+    import tasks
+    rows = tasks._Rows(datasets.Dataset.from_list([{"x": i} for i in range(5)]))
+    assert len(rows) == 5 and rows[1] is rows[1] and rows[-1] == {"x": 4} and rows[-1] is rows[4]
+    assert rows[1:3] == [{"x": 1}, {"x": 2}] and rows[1:3][0] is rows[1] and len(rows.cache) == 3
+    with pytest.raises(IndexError):
+        rows[5]
+
+
 def test_hub_only_formats_on_constructed_rows():
     text, ch, lab = E.FORMATS["race"]({"article": "Art.", "question": "Q?", "options": list("wxyz"), "answer": "C"})
     assert text.endswith("\nA. w\nB. x\nC. y\nD. z\nAnswer:") and ch == list("ABCD") and lab == 2

@@ -51,7 +51,8 @@ def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s")})
     lines = r.stdout.splitlines()
     assert lines[0].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[0]
-    assert "--limit 40 arc_easy=150 piqa=150 copa=100 --dtype" in lines[0]
+    assert "--limit 20 hellaswag=40 arc_easy=150 piqa=150 copa=100 --dtype" in lines[0]
+    assert "--train-limit 64 " in lines[0] and "--batch-size 8 --micro-batch-size 8 " in lines[0]
     for rho in ("0.02", "0.1", "2"):
         assert any(f"--sam --rho {rho} --epochs 1" in l for l in lines)
     assert not any(l.startswith("torchrun") for l in lines)
