@@ -8,7 +8,7 @@
 #   PROFILE=smol-full bash run_all.sh         # smol with more items, 3 seeds, both near data sets
 #   PROFILE=paper bash run_all.sh             # the paper's models, data, hyperparameters (hub + 16 GPUs)
 #   DRY_RUN=1 PROFILE=paper bash run_all.sh   # print every command it would run, run nothing
-#   SEEDS="0 1 2" OUT=results2 bash run_all.sh --grad-clip 0   # overrides; extra args go to finetune.py
+#   SEEDS=3 OUT=results2 bash run_all.sh --grad-clip 0   # seeds 0 1 2 (or SEEDS="0 7"); args go to finetune.py
 #
 # Each step is skipped when its output exists, so running it again resumes an interrupted study (and
 # re-renders the report). Step logs: $OUT/logs/ (VERBOSE=1 also prints them). Multi-node: torchrun
@@ -48,7 +48,7 @@ case $PROFILE in
     : "${SIZE_MODELS:=TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T meta-llama/Llama-2-13b-hf}"
     : "${TASKS:=paper}" "${LIMIT:=}" "${DTYPE:=bf16}" "${PRECISION:=bf16}" "${TRAIN_LIMIT:=}"
     : "${HELDOUT:=200}" "${MAX_LEN:=512}" "${BATCH:=128}" "${MICRO:=4}" "${STAGE2_DATA:=open-platypus}"
-    : "${STAGE2_LR:=5e-6}" "${CALIBRATE:=0}" "${RHOS:=2}" "${SEEDS:=0}" "${OTHER_DATA:=sharegpt metamath}"
+    : "${STAGE2_LR:=5e-6}" "${CALIBRATE:=0}" "${RHOS:=2}" "${SEEDS:=1}" "${OTHER_DATA:=sharegpt metamath}"
     : "${DISTANCE_DATA:=open-platypus auto-wiki}" "${REHEARSAL_DATA:=alpaca}" "${REHEARSAL_RATIO:=0.1}"
     : "${LANDSCAPE_DATA:=alpaca}" "${LS_STEPS:=21}" "${LS_BATCHES:=32}" "${LS_BATCH_SIZE:=4}"
     : "${NPROC:=16}" "${COSTS:=7200 1800 120 3600 300}" ;;
@@ -63,6 +63,11 @@ esac
 : "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=0.1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
 [[ $LIMIT != 0 && $LIMIT != all ]] || LIMIT=              # 0 or all: every item
 [[ $TRAIN_LIMIT != 0 && $TRAIN_LIMIT != all ]] || TRAIN_LIMIT=
+if [[ $SEEDS =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then  # one number N: N seeds, 0 .. N-1
+  (( SEEDS > 0 )) || { echo "run_all.sh: error: SEEDS=$SEEDS runs no seed; give a count (SEEDS=3: seeds 0 1 2) \
+or a list of seeds (SEEDS=\"0 7\")." >&2; exit 2; }
+  SEEDS=$(seq -s ' ' 0 $((SEEDS - 1)))
+fi
 if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 fi

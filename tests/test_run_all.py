@@ -64,6 +64,20 @@ def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     assert r.returncode == 2 and "unknown PROFILE=huge" in r.stderr
 
 
+def test_seeds_is_a_count_or_a_list(tmp_path):
+    """SEEDS=3 runs seeds 0 1 2 (the key comparison for each); a list names the seeds; 0 is refused."""
+    def seeds(value):
+        r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "SEEDS": value})
+        assert r.returncode == 0, r.stderr
+        ft = [l for l in r.stdout.splitlines() if " finetune.py " in l and "--rehearsal" not in l]
+        report_line = [l for l in r.stdout.splitlines() if " report.py " in l][0]
+        return sorted({l.split("--seed ")[1].split()[0] for l in ft}), report_line.split("--seeds ")[1].split(" --")[0]
+    assert seeds("3") == (["0", "1", "2"], "0 1 2")
+    assert seeds("0 7") == (["0", "7"], "0 7")
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "SEEDS": "0"})
+    assert r.returncode == 2 and "SEEDS=0 runs no seed" in r.stderr
+
+
 # ----------------------------------------------------------------------------- PROFILE=tiny, end to end
 
 @pytest.fixture(scope="module")
