@@ -54,9 +54,9 @@ items.jsonl, one line per item: {"task", "id", "key", "subject", "label", "lls",
   "heldout", "id", "key", "loss", "tokens"}. `key` hashes the prompt and choices, so --baseline pairs
 only identical items (same id, same prompt) and refuses anything else.
 
-Speed: one packed row per item (context once, each choice attending to the context and itself via a
-4-D mask), rows sorted by length, the vocabulary projection only where a continuation token is
-predicted; fp32 answers equal one forward pass per choice (tests), bench/bench_eval.py compares with
+Speed: one packed row per item (context once, then the choices as a prefix tree: tokens that choices
+share are fed once; each token attends to the context and its own ancestors via a 4-D mask), rows sorted
+by length, the vocabulary projection only where a continuation token is predicted; fp32 answers equal one forward pass per choice (tests), bench/bench_eval.py compares with
 lm-evaluation-harness.
 
 Python API: evaluate_model(model, tokenizer, tasks, limit, shots, batch_size, scoring, seed, heldout,
@@ -128,35 +128,36 @@ def _encode(items, tok, max_len):
 
 
 def _pack(encoded, ppl):
-    """One row per item: the context once, then each choice's tokens but its last, each choice attending
-    to the context and to itself only (4-D mask, positions restart after the context). Returns tensors
-    and, per item and choice, the (row position, target token) pairs whose log-probs are summed."""
-    L = max(len(c) + sum(len(x) - 1 for x in conts) for c, conts in encoded)
-    B = len(encoded)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    seg = torch.full((B, L), -1, dtype=torch.long)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    targets = []
-    for b, (ctx, conts) in enumerate(encoded):
-        row, rseg, rpos, tg = list(ctx), [0] * len(ctx), list(range(len(ctx))), []
-        for j, cont in enumerate(conts):
+    """One row per item: the context once, then the choices' tokens but their last as a prefix tree (a
+    token several choices reach by the same path is fed once), each fed token attending to the context and
+    to its own ancestors only (4-D mask; positions continue the context's). Returns tensors and, per item
+    and choice, the (row position, target token) pairs whose log-probs are summed."""
+    rows = []
+    for ctx, conts in encoded:
+        row, parent, node, tg = list(ctx), list(range(-1, len(ctx) - 1)), {}, []
+        for cont in conts:
             prev, pairs = len(ctx) - 1, []
-            for k, t in enumerate(cont):
+            for t in cont:
                 pairs.append((prev, t))
-                if k < len(cont) - 1:  # the last token predicts nothing we need: not fed
-                    row.append(t)
-                    rseg.append(j + 1)
-                    rpos.append(len(ctx) + k)
-                    prev = len(row) - 1
+                if len(pairs) < len(cont):  # the last token predicts nothing we need: not fed
+                    if (prev, t) not in node:
+                        node[prev, t] = len(row)
+                        row.append(t)
+                        parent.append(prev)
+                    prev = node[prev, t]
             tg.append(pairs)
         ctx_pairs = [(p, ctx[p + 1]) for p in range(len(ctx) - 1)] if ppl else []
-        targets.append((tg, ctx_pairs))
-        ids[b, :len(row)], seg[b, :len(row)], pos[b, :len(row)] = map(torch.tensor, (row, rseg, rpos))
-    i = torch.arange(L)
-    allowed = (i[None, :] <= i[:, None])[None] & (seg[:, None, :] >= 0) & \
-        ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    allowed |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves: no NaN
-    return ids, pos, allowed, targets
+        rows.append((row, parent, len(ctx), (tg, ctx_pairs)))
+    L, B = max(len(r[0]) for r in rows), len(rows)
+    ids, pos = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
+    allowed = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # padding rows attend to themselves: no NaN
+    for b, (row, parent, n_ctx, _) in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+        allowed[b, :n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
+        for i in range(n_ctx, len(row)):  # a tree token sees what its parent sees (the parent too), and itself
+            allowed[b, i, :i] = allowed[b, parent[i], :i]
+        pos[b, :len(row)] = allowed[b, :len(row), :len(row)].sum(-1) - 1  # depth: ancestors seen
+    return ids, pos, allowed, [r[3] for r in rows]
 
 
 @torch.inference_mode()

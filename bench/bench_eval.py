@@ -15,6 +15,8 @@ evaluate.score_items (one packed row per item); both sides get a warm-up batch f
 process one after the other. acc/acc_norm predictions are compared item by item; an item whose top two
 choices are within 1e-4 nats on either side counts as a tie, not a disagreement. Equality is claimed
 in fp32 only (bf16 rounding moves ~2% of answers between any two correct implementations).
+FLOP count: each side's matrix-product FLOPs on the same items (flop_model), whose ratio is about the
+speed-up that exact scoring can reach where both sides are compute-bound, as on a CPU.
 Prompt check: lm-eval's task yaml (doc_to_text / doc_to_choice / doc_to_target, description,
 target delimiter, process_docs) is rendered on the same raw documents and compared string for string.
 """
@@ -72,6 +74,30 @@ def run_lm_eval(model_name, dtype, items, batch_size):
         lls[(it["task"], it["id"])] = [ll for ll, _ in out[k:k + len(it["choices"])]]
         k += len(it["choices"])
     return lls, seconds
+
+
+def flop_model(model_name, items):
+    """Matrix-product FLOPs of each side's computation on `items`, per task: the transformer body's linear
+    layers (2 x their weights per token fed) plus the vocabulary projection (2 x hidden x vocab per position
+    projected). lm-eval: one row per distinct (context + continuation but its last token), as its
+    one-token-continuation cache groups them, projected at every position; evaluate.py: its packed rows,
+    projected only where a continuation token is predicted. Padding and attention are left out on both
+    sides (lm-eval pads more), so the ratio is a bound on what exact scoring can gain here."""
+    model, tok = common.load_model(model_name), common.load_tokenizer(model_name)
+    head = model.get_output_embeddings().weight
+    body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+    max_len = model.config.max_position_embeddings
+    per = {}
+    for it, enc in zip(items, E._encode(items, tok, max_len)):
+        ctx, conts = enc
+        rows = {tuple(ctx + c[:-1])[-max_len:] for c in conts}
+        lm_tokens = sum(map(len, rows))
+        ids, _, allowed, targets = E._pack([enc], False)
+        projected = {p for pairs in targets[0][0] for p, _ in pairs}
+        f = per.setdefault(it["task"], [0.0, 0.0])
+        f[0] += 2 * (body * lm_tokens + head.numel() * lm_tokens)
+        f[1] += 2 * (body * ids.shape[1] + head.numel() * len(projected))
+    return per
 
 
 def _preds(lls, lengths):
@@ -150,10 +176,17 @@ def main(model: str = "smollm2-135m", per_task: int = 60, batch_size: int = 8, d
     items = load_items(per_task, seed)
     print(f"{len(items)} items, {sum(len(it['choices']) for it in items)} requests, model {model}, "
           f"batch {batch_size}, {torch.get_num_threads()} threads")
+    flops = flop_model(model, items)
+    lm_f, us_f = (sum(f[k] for f in flops.values()) for k in (0, 1))
+    print(f"matrix-product FLOPs (padding and attention left out): lm-eval {lm_f / 1e12:.2f} T, evaluate.py "
+          f"{us_f / 1e12:.2f} T, ratio {lm_f / us_f:.2f}x: the speed-up exact scoring can reach where both sides "
+          f"are compute-bound")
     prompts = check_prompts(items, per_task, seed)
     print("prompts identical to lm-eval's task definitions: " +
           ", ".join(f"{t} {c - m}/{c}" for t, (c, m) in prompts.items()))
-    result = {"model": model, "items": len(items), "batch_size": batch_size, "prompts": prompts, "runs": {}}
+    result = {"model": model, "items": len(items), "batch_size": batch_size, "prompts": prompts, "runs": {},
+              "flops": {"lm_eval": lm_f, "ours": us_f, "ratio": lm_f / us_f,
+                        "per_task": {t: {"lm_eval": a, "ours": b, "ratio": a / b} for t, (a, b) in flops.items()}}}
     print("| dtype | lm-eval items/s | evaluate.py items/s | speed-up | acc answers same | acc_norm same | "
           "ties | max abs Δll |\n|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
@@ -166,6 +199,7 @@ def main(model: str = "smollm2-135m", per_task: int = 60, batch_size: int = 8, d
                                  "ours_items_per_s": len(items) / t_us, "speedup": t_lm / t_us, "per_task": agree}
         print(f"| {dtype} | {len(items) / t_lm:.2f} | {len(items) / t_us:.2f} | {t_lm / t_us:.2f}x | "
               f"{tot['acc_same']}/{tot['n']} | {tot['norm_same']}/{tot['n']} | {tot['ties']} | {dll:.2e} |")
+    print("FLOP ratio per task: " + ", ".join(f"{t} {a / b:.2f}x" for t, (a, b) in flops.items()))
     for dtype in dtypes:
         print(f"{dtype} per task (acc same / acc_norm same / n): " + ", ".join(
             f"{t} {r['acc_same']}/{r['norm_same']}/{r['n']}" for t, r in result["runs"][dtype]["per_task"].items()))

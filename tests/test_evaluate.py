@@ -42,8 +42,26 @@ def _items(tmp_path):
     for task in ("arc_challenge", "copa", "hellaswag", "mmlu_stem", "boolq", "siqa"):
         items += E.load_task(task, limit=2)
     f = tmp_path / "odd.jsonl"  # trailing space in the context, one-token and multi-token choices
-    f.write_text(json.dumps({"context": "The sky is ", "choices": ["blue", "a deep shade of green"], "label": 0}) + "\n")
+    f.write_text(json.dumps({"context": "The sky is ", "choices": ["blue", "a deep shade of green"], "label": 0}) + "\n"
+                 + json.dumps(SHARED) + "\n")
     return items + E.load_jsonl(f)
+
+
+# choices sharing leading tokens (one a prefix of two others): the packed row feeds the shared ones once
+SHARED = {"context": "Pour the water", "choices": [" into a glass and drink it.", " into a glass and freeze it.",
+                                                   " into a bowl.", " into a glass"], "label": 0}
+
+
+def test_choices_sharing_a_prefix_feed_it_once(tiny):
+    _, tok = tiny
+    (ctx, conts), = E._encode([{**SHARED, "task": "t", "id": 0}], tok, 2048)
+    tree = {tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)}  # fed tokens, each distinct path once
+    assert len(tree) < sum(len(c) - 1 for c in conts)  # the example does share tokens
+    ids, pos, allowed, _ = E._pack([(ctx, conts)], False)
+    assert ids.shape[1] == len(ctx) + len(tree)
+    n = ids.shape[1]
+    assert pos[0].tolist()[:len(ctx)] == list(range(len(ctx))) and pos[0].max() == len(ctx) + max(map(len, conts)) - 2
+    assert allowed[0, :, :len(ctx)].sum() == len(ctx) * (len(ctx) + 1) // 2 + (n - len(ctx)) * len(ctx)
 
 
 def test_packed_scores_match_one_forward_per_choice(tiny, tmp_path):
@@ -316,3 +334,23 @@ def test_torchrun_shards_items_and_gathers_them(tiny, tmp_path):
     assert two["settings"]["world_size"] == 2
     for t in ("copa", "rte"):
         assert two["tasks"][t]["n"] == 5 and two["tasks"][t]["lp"] == pytest.approx(ref["tasks"][t]["lp"], abs=1e-5)
+
+
+def test_flop_model_counts_each_sides_matrix_products(tiny):
+    """bench/bench_eval.py's FLOP bound: lm-eval runs each distinct context+continuation row and projects every
+    position; evaluate.py runs its packed row and projects only the positions that predict an answer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_eval
+    model, tok = tiny
+    body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight.numel()
+    one = E.load_task("boolq", limit=1)[0]  # " no" / " yes": one token each, one shared context row
+    (ctx, _), = E._encode([one], tok, 2048)
+    assert bench_eval.flop_model("tiny", [one])["boolq"] == [2 * (body + head) * len(ctx), 2 * (body * len(ctx) + head)]
+    many = {**SHARED, "task": "shared", "id": 0}  # 4 rows of context + choice; the tree feeds shared tokens once
+    (ctx, conts), = E._encode([many], tok, 2048)
+    lm = sum(len(ctx) + len(c) - 1 for c in conts)
+    fed = len({tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)})
+    projected = len({tuple(c[:k]) for c in conts for k in range(len(c))})  # positions predicting a token
+    assert bench_eval.flop_model("tiny", [many])["shared"] == [2 * (body + head) * lm,
+                                                                2 * (body * (len(ctx) + fed) + head * projected)]
