@@ -22,7 +22,8 @@ unavailable with the reason and its category marked partial, never averaged in.
 
 Scoring, per item with choices c_j: ll_j = sum of log p(continuation tokens | context), tokenised as
 lm-evaluation-harness does (trailing context spaces moved into the continuation, the continuation's
-tokens = tok(context + c_j) minus the tokens of tok(context)). acc = [argmax ll_j == label];
+tokens = tok(context + c_j) minus the tokens of tok(context); over the model's window the context is cut
+from the left for each choice alone, as lm-eval cuts each request). acc = [argmax ll_j == label];
 acc_norm = [argmax ll_j / len_j == label] (len_j in characters of the choice, as lm-eval);
 lp = log_softmax(ll)[label] (log-probability of the correct choice normalised over the item's choices);
 p = exp(lp) (its probability: an expected accuracy, which a flatter choice distribution does not raise
@@ -87,7 +88,9 @@ SUMMED = ("score", "lp", "p")  # the metrics averaged into categories and AVG
 # ----------------------------------------------------------------------------- scoring
 
 def _encode(items, tok, max_len):
-    """Per item (context ids, [continuation ids]) split exactly as lm-eval's HFLM does."""
+    """Per item, its rows: [(context ids, [continuation ids], [choice indices])], split exactly as lm-eval's
+    HFLM does. One row holds every choice; an item too long for the window gets a row per choice, each
+    context cut from the left for that choice alone, as lm-eval cuts each request."""
     ctxs, pairs = [], []
     for it in items:
         ctx = it["context"]
@@ -106,9 +109,9 @@ def _encode(items, tok, max_len):
             for _ in it["choices"]:
                 conts.append(whole[k][len(c_ids):])
                 k += 1
-        else:  # empty context: condition on BOS (or EOS), as lm-eval
+        else:  # empty (or blank) context: condition on BOS (or EOS), as lm-eval; a blank one's spaces stay
             for c in it["choices"]:
-                conts.append(tok(c, add_special_tokens=False)["input_ids"])
+                conts.append(tok(it["context"] + c, add_special_tokens=False)["input_ids"])
                 k += 1
             c_ids = [prefix]
             if len(set(c[0] for c in conts if c)) == 1 and conts[0] and conts[0][0] == prefix:
@@ -121,9 +124,10 @@ def _encode(items, tok, max_len):
             raise ValueError(f"task {it['task']} item {it['id']}: a choice is {longest} tokens, more than the "
                              f"{max_len}-token scoring window; shorten the choice or score with a larger "
                              f"max_len (score_items' max_len, by default the model's max_position_embeddings).")
-        if len(c_ids) + longest > max_len + 1:  # left-truncate the context, as lm-eval
-            c_ids = c_ids[len(c_ids) + longest - max_len - 1:]
-        out.append((c_ids, conts))
+        if len(c_ids) + longest <= max_len + 1:
+            out.append([(c_ids, conts, list(range(len(conts))))])
+        else:  # lm-eval: (context + continuation)[-(max_len + 1):][:-1], per request
+            out.append([(c_ids[max(0, len(c_ids) + len(c) - max_len - 1):], [c], [j]) for j, c in enumerate(conts)])
     return out
 
 
@@ -201,35 +205,35 @@ def _item_result(it, lls, ppl_nll=None):
 
 def score_items(model, tokenizer, items, batch_size=8, scoring="loglik", max_len=None, rank=0, world=1):
     """Per-item results (see the module docstring) for this rank's share of `items`: items are sorted
-    longest first (little padding) and dealt round-robin to the ranks."""
+    longest first (little padding) and dealt round-robin to the ranks; `batch_size` rows (one per item,
+    unless an item overflows the window) go through the model at a time."""
     max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
     encoded = _encode(items, tokenizer, max_len)
-    size = [len(c) + sum(len(x) - 1 for x in conts) for c, conts in encoded]
-    order = sorted(range(len(items)), key=lambda i: -size[i])[rank::world]
-    results, t0 = [], time.time()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, pos, allowed, targets = _pack([encoded[i] for i in chunk], scoring == "ppl")
+    size = lambda row: len(row[0]) + sum(len(x) - 1 for x in row[1])  # noqa: E731
+    mine = sorted(range(len(items)), key=lambda i: -sum(map(size, encoded[i])))[rank::world]
+    rows = sorted(((i, row) for i in mine for row in encoded[i]), key=lambda r: -size(r[1]))
+    lls = {i: [0.0] * len(items[i]["choices"]) for i in mine}
+    nll = {i: [0.0] * len(items[i]["choices"]) for i in mine}
+    t0 = time.time()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, pos, allowed, targets = _pack([row[:2] for _, row in chunk], scoring == "ppl")
         wanted = [(b, p, t) for b, (tg, cp) in enumerate(targets) for pairs in tg + [cp] for p, t in pairs]
         flat, k = _logprobs(model, ids, pos, allowed, wanted), 0
-        for b, i in enumerate(chunk):
-            tg, cp = targets[b]
-            lls = []
-            for pairs in tg:
-                lls.append(sum(flat[k:k + len(pairs)]))
+        for (i, (c_ids, conts, js)), (tg, cp) in zip(chunk, targets):
+            for j, pairs in zip(js, tg):
+                lls[i][j] = sum(flat[k:k + len(pairs)])
                 k += len(pairs)
             ctx_ll = sum(flat[k:k + len(cp)])
             k += len(cp)
-            nll = None
-            if scoring == "ppl":  # OpenCompass: summed NLL of the filled-in text / its token count
-                n_ctx = len(encoded[i][0])
-                nll = [-(ctx_ll + ll) / (n_ctx + len(c)) for ll, c in zip(lls, encoded[i][1])]
-            results.append(_item_result(items[i], lls, nll))
+            for j, c in zip(js, conts):  # OpenCompass ppl: summed NLL of the filled-in text / its token count
+                nll[i][j] = -(ctx_ll + lls[i][j]) / (len(c_ids) + len(c))
         done = start + len(chunk)
-        if start // batch_size % 50 == 49 or done == len(order):
+        if start // batch_size % 50 == 49 or done == len(rows):
             rate = done / (time.time() - t0)
-            common.log(f"eval {done}/{len(order)} items | {rate:.1f} items/s | ETA {(len(order) - done) / rate:.0f}s")
-    return results
+            common.log(f"eval {done}/{len(rows)} rows ({len(mine)} items) | {rate:.1f} rows/s | "
+                       f"ETA {(len(rows) - done) / rate:.0f}s")
+    return [_item_result(items[i], lls[i], nll[i] if scoring == "ppl" else None) for i in mine]
 
 
 @torch.inference_mode()

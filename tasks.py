@@ -265,7 +265,7 @@ def load_task(name, limit=None, shots=0, seed=1234):
     divides by (lm-eval: the choice without the delimiter). Raises ValueError for an unknown name and
     TaskUnavailable when no source loads."""
     if name.endswith(".jsonl"):
-        return load_jsonl(name)
+        return _jsonl_task(name, limit, shots, seed)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; groups: {', '.join(GROUPS)}, "
                          f"offline, none; or a .jsonl file / folder in the generic format.")
@@ -306,6 +306,23 @@ def load_task(name, limit=None, shots=0, seed=1234):
                       "choices": conts, "label": label, "lengths": [len(c) for c in choices],
                       "key": _key(context, conts), "source": " + ".join(sorted(sources)), "fewshot": fewshot})
     return items
+
+
+def _jsonl_task(path, limit, shots, seed):
+    """A generic-format file as a task: `limit` a seeded subset of its records; `shots` k of its other
+    records per item (seeded draw, the item itself excluded), each written as context + correct choice."""
+    pool = load_jsonl(path)
+    items = [pool[i] for _, i in _pick([len(pool)], limit, seed)] if limit else pool
+    if not shots:
+        return items
+    out = []
+    for it in items:
+        rng = random.Random(f"{seed}/{it['task']}/{it['id']}")
+        chosen = [p for p in rng.sample(pool, min(len(pool), shots + 1)) if p is not it][:shots]
+        context = "".join(p["context"] + p["choices"][p["label"]] + "\n\n" for p in chosen) + it["context"]
+        out.append({**it, "context": context, "key": _key(context, it["choices"]),
+                    "fewshot": f"{it['source']} (item itself excluded)"})
+    return out
 
 
 def load_jsonl(path):

@@ -88,15 +88,14 @@ def flop_model(model_name, items):
     body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
     max_len = model.config.max_position_embeddings
     per = {}
-    for it, enc in zip(items, E._encode(items, tok, max_len)):
-        ctx, conts = enc
-        rows = {tuple(ctx + c[:-1])[-max_len:] for c in conts}
-        lm_tokens = sum(map(len, rows))
-        ids, _, allowed, targets = E._pack([enc], False)
-        projected = {p for pairs in targets[0][0] for p, _ in pairs}
+    for it, rows in zip(items, E._encode(items, tok, max_len)):
+        lm_tokens = sum(map(len, {tuple(ctx + c[:-1]) for ctx, conts, _ in rows for c in conts}))
         f = per.setdefault(it["task"], [0.0, 0.0])
-        f[0] += 2 * (body * lm_tokens + head.numel() * lm_tokens)
-        f[1] += 2 * (body * ids.shape[1] + head.numel() * len(projected))
+        f[0] += 2 * (body + head.numel()) * lm_tokens
+        for ctx, conts, _ in rows:
+            ids, _, _, targets = E._pack([(ctx, conts)], False)
+            projected = {p for pairs in targets[0][0] for p, _ in pairs}
+            f[1] += 2 * (body * ids.shape[1] + head.numel() * len(projected))
     return per
 
 

@@ -23,14 +23,14 @@ def tiny(tiny_path):
     return common.load_model("tiny"), common.load_tokenizer("tiny")
 
 
-def _brute(model, tok, item):
-    """One forward pass per choice, continuation split as lm-eval's HFLM does it."""
+def _brute(model, tok, item, max_len=None):
+    """One forward pass per choice, continuation split and long requests cut as lm-eval's HFLM does it."""
     ctx = item["context"].rstrip()
     ctx_ids = tok(ctx)["input_ids"]
     out = []
     for c in item["choices"]:
         cont = tok(item["context"] + c)["input_ids"][len(ctx_ids):]
-        ids = torch.tensor([ctx_ids + cont])[:, :-1]
+        ids = torch.tensor([(ctx_ids + cont)[-(max_len or 10 ** 9) - 1:]])[:, :-1]
         with torch.no_grad():  # logits of the last len(cont) positions: those that predict the continuation
             lp = model(ids, logits_to_keep=len(cont)).logits[0].log_softmax(-1)
         out.append(sum(lp[k, t].item() for k, t in enumerate(cont)))
@@ -54,7 +54,7 @@ SHARED = {"context": "Pour the water", "choices": [" into a glass and drink it."
 
 def test_choices_sharing_a_prefix_feed_it_once(tiny):
     _, tok = tiny
-    (ctx, conts), = E._encode([{**SHARED, "task": "t", "id": 0}], tok, 2048)
+    [(ctx, conts, _)], = E._encode([{**SHARED, "task": "t", "id": 0}], tok, 2048)
     tree = {tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)}  # fed tokens, each distinct path once
     assert len(tree) < sum(len(c) - 1 for c in conts)  # the example does share tokens
     ids, pos, allowed, _ = E._pack([(ctx, conts)], False)
@@ -149,7 +149,9 @@ def test_every_offline_task_loads_with_the_right_fields():
     assert E.load_task("copa", limit=1)[0]["choices"][0].startswith("  ")  # lm-eval's double space
     arc = E.load_task("arc_challenge")
     assert len(arc) == 1172 and arc[0]["context"].startswith("Question: ") and arc[0]["context"].endswith("\nAnswer:")
-    assert E.load_task("arc_challenge", limit=5) == E.load_task("arc_challenge", limit=5)  # fixed subset
+    assert E.load_task("arc_challenge", limit=5) == E.load_task("arc_challenge", limit=5)  # fixed subset,
+    ids = {tuple(it["id"] for it in E.load_task("arc_challenge", limit=5, seed=s)) for s in (1, 2, 3)}
+    assert len(ids) == 3 and ("0", "1", "2", "3", "4") not in ids  # drawn by the seed, not the first N
     shot = E.load_task("mmlu_stem", limit=1, shots=2)[0]["context"]
     assert shot.count("\nAnswer:") == 3 and shot.count("\nAnswer: ") == 2
     # no train split offline: shots come from the evaluated split, never the item itself
@@ -200,6 +202,18 @@ def test_generic_jsonl_and_its_errors(tmp_path):
             E.load_jsonl(g)
     with pytest.raises(ValueError, match="known tasks: .*boolq"):
         E.resolve_tasks(["boolqq"])
+    # --limit and --shots apply to a file too: a seeded subset; shots are the file's other records, answered
+    g = tmp_path / "six.jsonl"
+    g.write_text("".join(json.dumps({"context": f"{i}+1=", "choices": [f" {i + 1}", f" {i + 2}"], "label": 0}) + "\n"
+                         for i in range(6)))
+    sub = E.load_task(str(g), limit=3, seed=1)
+    assert len(sub) == 3 and sub == E.load_task(str(g), limit=3, seed=1)
+    assert len({tuple(it["id"] for it in E.load_task(str(g), limit=3, seed=s)) for s in range(4)}) > 1
+    two = E.load_task(str(g), limit=3, shots=2, seed=1)
+    for z, t in zip(sub, two):
+        assert t["context"].endswith("\n\n" + z["context"]) and t["context"].count("+1= ") == 2 and t["key"] != z["key"]
+        assert z["context"] + z["choices"][0] not in t["context"] and t["fewshot"].endswith("(item itself excluded)")
+        assert t["choices"] == z["choices"] and t["label"] == z["label"]
 
 
 def test_task_files_whose_names_clash_are_refused(tmp_path):
@@ -229,6 +243,26 @@ def test_a_choice_longer_than_the_scoring_window_is_refused(tiny, tmp_path):
         E.score_items(model, tok, E.load_jsonl(f), max_len=n - 1)
     [r] = E.score_items(model, tok, E.load_jsonl(f), max_len=n)             # one context token left
     assert all(math.isfinite(x) for x in r["lls"])
+
+
+def test_long_items_are_cut_per_choice_as_lm_eval_does(tiny, tmp_path):
+    """Over the window, each choice keeps as much context as fits beside it (lm-eval cuts each request),
+    so the short choice sees more context than the long one; a blank context keeps its spaces."""
+    model, tok = tiny
+    f = tmp_path / "cut.jsonl"
+    f.write_text(json.dumps({"context": "Numbers: " + " ".join(map(str, range(30))) + ". Next:",
+                             "choices": [" 30", " thirty and then thirty one and thirty two"], "label": 0}) + "\n" +
+                 json.dumps({"context": "Short:", "choices": [" a", " b"], "label": 1}) + "\n")
+    items = E.load_jsonl(f)
+    rows = E._encode(items, tok, 24)
+    assert [len(r) for r in rows] == [2, 1] and len(rows[0][0][0]) > len(rows[0][1][0])
+    got = {r["id"]: r["lls"] for r in E.score_items(model, tok, items, batch_size=2, max_len=24)}
+    for it in items:
+        assert got[it["id"]] == pytest.approx(_brute(model, tok, it, max_len=24), abs=2e-4, rel=1e-5)
+    for r in E.score_items(model, tok, items, max_len=24, scoring="ppl"):
+        assert r["lls"] == pytest.approx(got[r["id"]], abs=1e-5) and r["pred_ppl"] in (0, 1)
+    [[(ctx, conts, _)]] = E._encode([{"context": "  ", "choices": ["a", "b c"], "task": "t", "id": 0}], tok, 24)
+    assert conts == [tok("  a", add_special_tokens=False)["input_ids"], tok("  b c", add_special_tokens=False)["input_ids"]]
 
 
 def test_paired_diff_against_a_hand_computation():
@@ -288,7 +322,7 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").glob("category_*.png")) == ["category_Custom.png",
                                                                               "category_Reasoning.png"]
     assert base["unavailable"]["ax_b"] and base["tasks"]["boolq"]["n"] == 3 and base["heldout"]["n"] == 3
-    assert base["categories"]["Custom"]["tasks"] == ["arith"]
+    assert base["categories"]["Custom"]["tasks"] == ["arith"] and base["tasks"]["arith"]["n"] == 3  # --limit applied
     res = E.main("tiny", ["boolq", str(task)], str(tmp_path / "b"), limit=["3", "arith=0"], heldout=str(held),
                  scoring="ppl", baseline=str(tmp_path / "a" / "results.json"))
     assert res["tasks"]["arith"]["n"] == 4 and res["settings"]["limit"] == {"*": 3, "arith": None}
@@ -308,6 +342,10 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
         with torch.no_grad():
             scores.append(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() * (len(ids) - 1) / len(ids))
     assert r["pred_ppl"] == min(range(2), key=lambda j: scores[j])
+    bf = E.main("tiny", ["boolq"], str(tmp_path / "bf"), limit=3, dtype="bf16")  # bf16 weights from the CLI
+    assert bf["settings"]["dtype"] == "bf16" and bf["tasks"]["boolq"]["n"] == 3
+    lines = (tmp_path / "bf" / "items.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(math.isfinite(x) for line in lines for x in json.loads(line)["lls"])
     with pytest.raises(SystemExit):
         E.main("tiny", ["nosuchtask"], str(tmp_path / "c"))
 
@@ -345,10 +383,10 @@ def test_flop_model_counts_each_sides_matrix_products(tiny):
     body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
     head = model.get_output_embeddings().weight.numel()
     one = E.load_task("boolq", limit=1)[0]  # " no" / " yes": one token each, one shared context row
-    (ctx, _), = E._encode([one], tok, 2048)
+    [(ctx, _, _)], = E._encode([one], tok, 2048)
     assert bench_eval.flop_model("tiny", [one])["boolq"] == [2 * (body + head) * len(ctx), 2 * (body * len(ctx) + head)]
     many = {**SHARED, "task": "shared", "id": 0}  # 4 rows of context + choice; the tree feeds shared tokens once
-    (ctx, conts), = E._encode([many], tok, 2048)
+    [(ctx, conts, _)], = E._encode([many], tok, 2048)
     lm = sum(len(ctx) + len(c) - 1 for c in conts)
     fed = len({tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)})
     projected = len({tuple(c[:k]) for c in conts for k in range(len(c))})  # positions predicting a token
