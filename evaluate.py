@@ -57,8 +57,8 @@ only identical items (same id, same prompt) and refuses anything else.
 
 Speed: one packed row per item (context once, then the choices as a prefix tree: tokens that choices
 share are fed once; each token attends to the context and its own ancestors via a 4-D mask), rows sorted
-by length, the vocabulary projection only where a continuation token is predicted; fp32 answers equal one forward pass per choice (tests), bench/bench_eval.py compares with
-lm-evaluation-harness.
+by length, the vocabulary projection only where a continuation token is predicted; fp32 answers equal
+one forward pass per choice (tests), bench/bench_eval.py compares with lm-evaluation-harness.
 
 Python API: evaluate_model(model, tokenizer, tasks, limit, shots, batch_size, scoring, seed, heldout,
 max_len, model_name) -> results (+ "items"); load_task(name, limit, shots, seed) -> items;
@@ -132,10 +132,10 @@ def _encode(items, tok, max_len):
 
 
 def _pack(encoded, ppl):
-    """One row per item: the context once, then the choices' tokens but their last as a prefix tree (a
-    token several choices reach by the same path is fed once), each fed token attending to the context and
-    to its own ancestors only (4-D mask; positions continue the context's). Returns tensors and, per item
-    and choice, the (row position, target token) pairs whose log-probs are summed."""
+    """One row per (context, choices) pair: the context once, then the choices' tokens but their last as a
+    prefix tree (a token several choices reach by the same path is fed once), each fed token attending to
+    the context and to its own ancestors only (4-D mask; positions continue the context's). Returns tensors
+    and, per row and choice, the (row position, target token) pairs whose log-probs are summed."""
     rows = []
     for ctx, conts in encoded:
         row, parent, node, tg = list(ctx), list(range(-1, len(ctx) - 1)), {}, []

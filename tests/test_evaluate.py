@@ -262,7 +262,7 @@ def test_long_items_are_cut_per_choice_as_lm_eval_does(tiny, tmp_path):
     for r in E.score_items(model, tok, items, max_len=24, scoring="ppl"):
         assert r["lls"] == pytest.approx(got[r["id"]], abs=1e-5) and r["pred_ppl"] in (0, 1)
     [[(ctx, conts, _)]] = E._encode([{"context": "  ", "choices": ["a", "b c"], "task": "t", "id": 0}], tok, 24)
-    assert conts == [tok("  a", add_special_tokens=False)["input_ids"], tok("  b c", add_special_tokens=False)["input_ids"]]
+    assert conts == [tok(t, add_special_tokens=False)["input_ids"] for t in ("  a", "  b c")]
 
 
 def test_paired_diff_against_a_hand_computation():
