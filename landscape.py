@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import common
 from common import (atomic_path, cleanup_distributed, die, init_distributed, is_main, load_model,
                     load_tokenizer, log, write_json, write_text)
 
@@ -132,7 +133,7 @@ def surface(model, loss_fn, d1, d2, alphas, betas, *, progress=True):
         raise ValueError(f"surface() walks the weights in place and needs float32/float64 parameters, "
                          f"got {', '.join(low)}; load the model in float32 and autocast the loss to "
                          f"bf16 instead (as landscape.py --dtype bf16 does).")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = common.rank_world()
     mine = np.array_split(np.array(serpentine(len(alphas), len(betas))), world)[rank].tolist()
     Z = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
     theta0 = [p.detach().to("cpu", copy=True) for p in params]
@@ -259,7 +260,7 @@ def hessian_trace(model, loss_fn, samples=10, seed=0):
     Under torch.distributed the samples are split across ranks and gathered.
     """
     params = [p for p in _params(model) if p.requires_grad]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = common.rank_world()
     vals = torch.zeros(samples, dtype=torch.float64)
     with _double_backward(model):
         for s in range(rank, samples, world):
@@ -278,14 +279,14 @@ def hessian_trace(model, loss_fn, samples=10, seed=0):
 # ----------------------------------------------------------------------------- the SFT loss
 
 class SFTLoss:
-    """Token-weighted mean of HF's masked SFT loss over a fixed list of batches: the f of the surface."""
+    """Mean next-token loss over the answer tokens of a fixed list of batches: the f of the surface."""
 
     def __init__(self, batches, compute_dtype=torch.float32):
-        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        counts = [int((b["labels"][:, 1:] != common.IGNORE).sum()) for b in batches]
         if sum(counts) == 0:
             raise ValueError("the evaluation batches contain no answer tokens (all labels are -100).")
-        keep = [k for k, c in enumerate(counts) if c]      # HF's loss of an all-masked batch is NaN
-        self.batches, self.weights = [batches[k] for k in keep], [counts[k] / sum(counts) for k in keep]
+        keep = [k for k, c in enumerate(counts) if c]
+        self.batches, self.weights = [batches[k] for k in keep], [1 / sum(counts)] * len(keep)
         self.dtype = compute_dtype
 
     def terms(self, model):
@@ -293,7 +294,8 @@ class SFTLoss:
         for w, batch in zip(self.weights, self.batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-                yield w, model(**batch).loss
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                yield w, common.token_loss(logits, batch["labels"])
 
     def __call__(self, model):
         with torch.no_grad():
@@ -313,16 +315,12 @@ def eval_batches(data, tokenizer, batches, batch_size, max_len, template="alpaca
 # ----------------------------------------------------------------------------- figures and tables
 
 def _figure(*size):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     return plt, plt.figure(figsize=size)
 
 
 def _save(plt, fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    common.save_png(fig, path, crop=True)
 
 
 def _draw(fig, where, r, norm, title=None):
@@ -455,7 +453,7 @@ def main(model: str = "smollm2-135m", data: str = "gsm8k", out: str | None = Non
     t0 = time.time()
     net, loss_fn, d1, d2, seed, norm = prepare(model, data, batches, batch_size, max_len, template,
                                                data_seed, dtype, seed, norm, directions, device)
-    n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in loss_fn.batches)
+    n_tok = sum(int((b["labels"][:, 1:] != common.IGNORE).sum()) for b in loss_fn.batches)
     log(f"{model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params | {len(loss_fn.batches)} "
         f"batches, {n_tok} answer tokens | {steps}x{steps} grid on +-{radius} | {world} rank(s)")
     alphas = betas = np.linspace(-radius, radius, steps)
