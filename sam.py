@@ -177,10 +177,11 @@ class SAM(torch.optim.Optimizer):
             self._perturbed, self._first_finite = [], None
             return
         total = torch.stack([v for v in sums.values()]).sum(dim=0)
-        norm = total[1].sqrt()
-        e_sq = sum(rho * rho * sums[(k, rho, ad)][2] for (k, rho, ad) in sums)
+        # ||e||^2 = sum over buckets of s^2 * (||g||^2, or ||w^2 g||^2 for ASAM), s per bucket's rho
+        e_sq = sum(kernels.perturb_scale(total[1], rho, EPS).square() * sums[(k, rho, ad)][2]
+                   for (k, rho, ad) in sums)
         self.last_grad_norm = total[0].sqrt()
-        self.last_perturbation_norm = e_sq.sqrt() / (norm + EPS)
+        self.last_perturbation_norm = e_sq.sqrt()
         self._first_finite = torch.isfinite(total[1])
         self._perturbed = []
         for (key, rho, adaptive), (params, ws, gs) in buckets.items():

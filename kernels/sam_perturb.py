@@ -1,15 +1,17 @@
 """SAM's perturbation as multi-tensor kernels: Triton on CUDA, `torch._foreach_*` everywhere else.
 
-Four in-place primitives over lists of tensors (a model's parameters or their local shards):
+Five primitives over lists of tensors (a model's parameters or their local shards):
 
   sum_squares(xs)                      sum_i ||x_i||^2 in fp32, one Triton launch for the whole list
   asam_sums(grads, params)             [sum g^2, sum (|w| g)^2, sum (w^2 g)^2] in one pass (ASAM)
-  perturb_(ws, gs, backups, sumsq, rho)  backups <- w; w += s * g with s = rho / (sqrt(sumsq) + eps)
-                                       read on the device (no host sync); `adaptive` uses s * w^2 * g
+  perturb_(ws, gs, backups, sumsq, rho)  backups <- w; w += s * g with s = perturb_scale(sumsq, rho)
+                                       = rho / (sqrt(sumsq) + eps), a 0-dim tensor formed on the device
+                                       (no host sync); `adaptive` uses s * w^2 * g
   restore_(ws, backups)                w <- backups, bit for bit
   add_(ws, ds, alpha)                  w += alpha * d (landscape.py moves weights along directions)
 
-Each Triton kernel covers a whole list in one launch: a small device table holds the tensors'
+Each primitive has its own Triton kernel (launcher and torch reference side by side below), and
+each covers a whole list in one launch: a small device table holds the tensors'
 addresses and sizes, and every program looks up which tensor and which chunk of it to work on.
 Lists that mix dtypes or devices get one launch per (device, dtype) group.
 
@@ -41,6 +43,7 @@ BACKENDS = ("auto", "triton", "torch")
 BLOCK = 1024        # elements per vector operation in a program
 ITERS = 8           # blocks per program: one program covers BLOCK * ITERS elements of one tensor
 VEC = 16            # masks keep VEC-element groups whole, so fp32 and bf16 get 16-byte accesses
+NUM_WARPS = 4       # per program on a GPU (bench/gpu_check.py sweeps BLOCK, ITERS and this)
 CPU_PIECE = 1 << 19  # reference perturb on CPU works in cache-sized pieces (see _pieces)
 GPU_PIECE = 1 << 24  # ... and on GPUs in pieces that bound the adaptive temporaries
 _TABLE_CACHE_SIZE = 64
@@ -164,12 +167,50 @@ def _sumsq_kernel(ptrs, n_tensors, numels, chunks, partials, n_chunks,
                  + tl.reduce((w * w * g) * (w * w * g), 0, tl.standard._sum_combine))
 
 
-def _axpy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr, alpha, eps,
-                 W_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, MODE: tl.constexpr,
-                 ADAPTIVE: tl.constexpr, SAVE: tl.constexpr, ALIGNED: tl.constexpr,
-                 BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
-    # w += s * d (times w^2 when ADAPTIVE), first saving w into b when SAVE, with
-    # MODE 0: s = alpha; MODE 1: s = alpha * scale[0]; MODE 2: s = alpha / (sqrt(scale[0]) + eps)
+def _perturb_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr,
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
+                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    VEC: tl.constexpr):
+    # b <- w; w += s * g (s * w^2 * g when ADAPTIVE), with s = scale[0] from perturb_scale
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid)
+    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
+    n = tl.load(numels + t)
+    n_vec = (n // VEC) * VEC
+    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE))
+    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(G_DTYPE))
+    b_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE))
+    if ALIGNED:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+    s = tl.load(scale_ptr)
+    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
+    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_vec
+        w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(b_ptr + offs, w_raw, mask=mask)
+        w = w_raw.to(tl.float32)
+        e = s * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ADAPTIVE:
+            e = e * w * w
+        tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
+    offs = n_vec + tl.arange(0, VEC)                       # the tail, as above
+    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
+    w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(b_ptr + offs, w_raw, mask=mask)
+    w = w_raw.to(tl.float32)
+    e = s * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        e = e * w * w
+    tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
+
+
+def _add_kernel(ptrs, n_tensors, numels, chunks, n_chunks, alpha_ptr,
+                W_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
+    # w += alpha[0] * d, in fp32, rounded once to w's dtype
     pid = tl.program_id(0)
     t = tl.load(chunks + pid)
     start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
@@ -177,38 +218,22 @@ def _axpy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr, alpha, ep
     n_vec = (n // VEC) * VEC
     w_ptr = tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE))
     d_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(D_DTYPE))
-    b_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE))
     if ALIGNED:
         w_ptr = tl.multiple_of(w_ptr, 16)
         d_ptr = tl.multiple_of(d_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-    s = alpha
-    if MODE == 1:
-        s = alpha * tl.load(scale_ptr)
-    if MODE == 2:
-        s = alpha / (tl.sqrt(tl.load(scale_ptr)) + eps)
+    a = tl.load(alpha_ptr)
     n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
     for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_vec
-        w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        if SAVE:
-            tl.store(b_ptr + offs, w_raw, mask=mask)
-        w = w_raw.to(tl.float32)
-        e = s * tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ADAPTIVE:
-            e = e * w * w
-        tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
-    offs = n_vec + tl.arange(0, VEC)                       # the tail, as above
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(w_ptr + offs, (w + a * d).to(W_DTYPE), mask=mask)
+    offs = n_vec + tl.arange(0, VEC)
     mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
-    w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    if SAVE:
-        tl.store(b_ptr + offs, w_raw, mask=mask)
-    w = w_raw.to(tl.float32)
-    e = s * tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ADAPTIVE:
-        e = e * w * w
-    tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offs, (w + a * d).to(W_DTYPE), mask=mask)
 
 
 def _copy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, DTYPE: tl.constexpr,
@@ -294,7 +319,7 @@ def _launch_tables(lists):
 
 def _launch_opts(device):
     # the interpreter runs programs one by one in Python: no warps to choose
-    return {} if device.type != "cuda" else {"num_warps": 4}
+    return {} if device.type != "cuda" else {"num_warps": NUM_WARPS}
 
 
 def _on(device):
@@ -322,20 +347,28 @@ def asam_sums(grads, params, *, backend: str | None = None) -> torch.Tensor:
     return _sums_triton(grads, params, weighted=True, choice=_choice(backend))
 
 
+def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float = 1e-12) -> torch.Tensor:
+    """SAM's step length s = rho / (||g|| + eps) from the fp32 0-dim squared norm, as an fp32 0-dim
+    tensor on its device (no host sync). The one place it is formed: both paths of perturb_ read it."""
+    return rho / (sumsq.to(torch.float32).sqrt() + eps)
+
+
 def perturb_(params, grads, backups, sumsq, rho: float, adaptive: bool = False, eps: float = 1e-12,
              *, backend: str | None = None) -> None:
     """backups[i] <- params[i]; params[i] += s * grads[i] (times params[i]^2 when `adaptive`).
 
-    s = rho / (sqrt(sumsq) + eps) is computed on the device from the fp32 0-dim `sumsq`; nothing
-    waits for the host. The backups hold the exact old values for restore_.
+    s = perturb_scale(sumsq, rho, eps) stays on the device; nothing waits for the host. The backups
+    hold the exact old values for restore_.
     """
     _check_lists("perturb_", params, grads, backups)
     if any(b.dtype != p.dtype for b, p in zip(backups, params)):
         raise ValueError("perturb_: each backup must have its parameter's dtype (it is an exact copy).")
+    if not params:
+        return
+    scale = perturb_scale(sumsq, rho, eps)
     if _pick(params, backend) == "torch":
-        return _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps)
-    _axpy_triton(params, grads, backups, sumsq, float(rho), eps, mode=2, adaptive=adaptive, save=True,
-                 choice=_choice(backend))
+        return _perturb_torch(params, grads, backups, scale, adaptive)
+    _perturb_triton(params, grads, backups, scale, adaptive, _choice(backend))
 
 
 def restore_(params, backups, *, backend: str | None = None) -> None:
@@ -351,12 +384,7 @@ def add_(tensors, others, alpha=1.0, *, backend: str | None = None) -> None:
     _check_lists("add_", tensors, others)
     if _pick(tensors, backend) == "torch":
         return _add_torch(tensors, others, alpha)
-    if isinstance(alpha, torch.Tensor):
-        _axpy_triton(tensors, others, tensors, alpha.float(), 1.0, 0.0, mode=1, adaptive=False,
-                     save=False, choice=_choice(backend))
-    else:
-        _axpy_triton(tensors, others, tensors, None, float(alpha), 0.0, mode=0, adaptive=False,
-                     save=False, choice=_choice(backend))
+    _add_triton(tensors, others, alpha, _choice(backend))
 
 
 def _pick(tensors, choice):
@@ -406,30 +434,41 @@ def _copy_triton(params, backups, choice):
                                             **_launch_opts(ps[0].device))
 
 
-def _axpy_triton(ws, ds, bs, scale, alpha, eps, mode, adaptive, save, choice):
-    for idx in _groups(ws, ds):
-        gw, gd, gb = [ws[i] for i in idx], [ds[i] for i in idx], [bs[i] for i in idx]
-        if not _triton_ok(*gw, *gd, *gb) or not _kernel_runs_on(gw[0].device, choice):
-            _axpy_torch_fallback(gw, gd, gb, scale, alpha, eps, mode, adaptive, save)
+def _perturb_triton(ws, gs, bs, scale, adaptive, choice):
+    for idx in _groups(ws, gs):
+        gw, gg, gb = [ws[i] for i in idx], [gs[i] for i in idx], [bs[i] for i in idx]
+        device = gw[0].device
+        if not _triton_ok(*gw, *gg, *gb) or not _kernel_runs_on(device, choice):
+            _perturb_torch(gw, gg, gb, scale, adaptive)
             continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gd, gb])
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gg, gb])
         if not n_chunks:
             continue
-        scale_arg = sizes if scale is None else scale.to(gw[0].device, torch.float32)  # mode 0: unread
-        with _on(gw[0].device):
-            _jit(_axpy_kernel)[(n_chunks,)](
-                ptrs, len(gw), sizes, chunks, n_chunks, scale_arg, alpha, eps,
-                W_DTYPE=_TL_DTYPES[gw[0].dtype], D_DTYPE=_TL_DTYPES[gd[0].dtype], MODE=mode,
-                ADAPTIVE=adaptive, SAVE=save, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
-                **_launch_opts(gw[0].device))
+        with _on(device):
+            _jit(_perturb_kernel)[(n_chunks,)](
+                ptrs, len(gw), sizes, chunks, n_chunks, scale.to(device),
+                W_DTYPE=_TL_DTYPES[gw[0].dtype], G_DTYPE=_TL_DTYPES[gg[0].dtype], ADAPTIVE=adaptive,
+                ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(device))
 
 
-def _axpy_torch_fallback(ws, ds, bs, scale, alpha, eps, mode, adaptive, save):
-    """Tensors the Triton kernel cannot take (non-contiguous, float64, CPU without the interpreter):
-    same math, reference ops."""
-    if mode == 2:
-        return _perturb_torch(ws, ds, bs, scale, alpha, adaptive, eps)
-    _add_torch(ws, ds, alpha if mode == 0 else alpha * scale)
+def _add_triton(ws, ds, alpha, choice):
+    for idx in _groups(ws, ds):
+        gw, gd = [ws[i] for i in idx], [ds[i] for i in idx]
+        device = gw[0].device
+        if not _triton_ok(*gw, *gd) or not _kernel_runs_on(device, choice):
+            _add_torch(gw, gd, alpha)
+            continue
+        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gd])
+        if not n_chunks:
+            continue
+        # the kernel reads alpha from the device: a float becomes a 0-dim tensor (a fill, no sync)
+        a = alpha.to(device, torch.float32) if isinstance(alpha, torch.Tensor) \
+            else torch.full((), float(alpha), dtype=torch.float32, device=device)
+        with _on(device):
+            _jit(_add_kernel)[(n_chunks,)](
+                ptrs, len(gw), sizes, chunks, n_chunks, a,
+                W_DTYPE=_TL_DTYPES[gw[0].dtype], D_DTYPE=_TL_DTYPES[gd[0].dtype], ALIGNED=aligned,
+                BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(device))
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -493,14 +532,12 @@ def _add_torch(tensors, others, alpha):
         torch._foreach_add_(ts, torch._foreach_mul(ds, alpha.to(ds[0].device, ds[0].dtype)))
 
 
-def _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps):
-    if not params:
-        return
-    scale_here = rho / (sumsq.sqrt() + eps)
+def _perturb_torch(params, grads, backups, scale, adaptive):
+    """The reference of _perturb_kernel; `scale` is perturb_scale's 0-dim tensor."""
     for idx in _groups(params, grads):
         group = [[params[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx]]
         device = group[0][0].device
-        scale = scale_here.to(device)
+        s = scale.to(device)
         piece = CPU_PIECE if device.type == "cpu" else GPU_PIECE
         for ws, gs, bs in _pieces(group, piece):
             torch._foreach_copy_(bs, ws)
@@ -509,6 +546,6 @@ def _perturb_torch(params, grads, backups, sumsq, rho, adaptive, eps):
             if ws[0].dtype == torch.float32 or adaptive:
                 # a 0-dim scale broadcasts, so s stays on the device; addcmul rounds once, as the
                 # kernel does
-                torch._foreach_addcmul_(ws, gs, [scale] * len(ws))
+                torch._foreach_addcmul_(ws, gs, [s] * len(ws))
             else:             # bf16/fp16 would round s to their precision: form e in fp32
-                torch._foreach_add_(ws, [g.to(torch.float32, copy=True).mul_(scale) for g in gs])
+                torch._foreach_add_(ws, [g.to(torch.float32, copy=True).mul_(s) for g in gs])

@@ -1,4 +1,8 @@
-"""The Triton kernels (under TRITON_INTERPRET=1 on CPU) against the torch._foreach reference."""
+"""The Triton kernels against the torch._foreach reference and against float64.
+
+With a GPU (and triton) the cases run compiled on CUDA, with larger odd sizes and fp16 throughout
+(bench/gpu_check.py runs this file there); without one they run under the Triton interpreter on CPU
+(TRITON_INTERPRET=1), on the smaller sizes."""
 import copy
 import os
 import subprocess
@@ -12,36 +16,54 @@ import kernels
 from kernels import sam_perturb
 
 ROOT = Path(__file__).resolve().parent.parent
+ON_GPU = kernels.HAVE_TRITON and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_triton = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="triton is not installed")
+
 
 # kernels are decorated on first use with the interpreter setting of that moment, so setting the
 # variable per test works whatever imported triton (or the kernels) before this module
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # compiled kernels
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLATTUNE_KERNELS", raising=False)
 
 
 def _sizes():
     gen = torch.Generator().manual_seed(0)
-    return {
+    sizes = {
         "1": [(1,)],
         "1023": [(1023,)],
         "4097": [(4097,)],
         "200_small": [(int(n),) for n in torch.randint(1, 40, (200,), generator=gen)],
         "mix": [(1,), (33, 17), (4097,), (3, 1023), (8, 1024), (2,), (9000,)],
     }
+    if ON_GPU:     # sizes the interpreter would take minutes over
+        sizes["1823x781"] = [(1823, 781)]
+        sizes["big_mix"] = [(3_000_017,), (4096, 11008), (7,), (1023, 4097)]
+    return sizes
 
 
 SIZES = _sizes()
-# elementwise results round once to the parameter dtype; bf16 keeps 8 bits of mantissa
-TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6)}
+# interpreter time is what limits the CPU run: fp16 there on the mixed list only
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_FP16_CASES = ("mix",)
+# elementwise results round once to the parameter dtype; bf16 keeps 8 bits of mantissa, fp16 11
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6),
+       torch.float16: dict(rtol=2 ** -10, atol=1e-5)}
 SUM_RTOL = 1e-5     # both accumulate in fp32, in different orders
 
 
-def make(shapes, dtype, seed):
+def _runs(case, dtype):
+    return ON_GPU or dtype != torch.float16 or case in CPU_FP16_CASES
+
+
+def make(shapes, dtype, seed, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
 
 
 def close(got, want, dtype):
@@ -49,24 +71,36 @@ def close(got, want, dtype):
         torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
 
 
+def fp64_sums(g, w):
+    """[sum g^2, sum (|w| g)^2, sum (w^2 g)^2] in float64: the definition."""
+    g, w = [x.double() for x in g], [x.double() for x in w]
+    return [sum(x.square().sum() for x in g).item(),
+            sum((b.abs() * a).square().sum() for a, b in zip(g, w)).item(),
+            sum((b.square() * a).square().sum() for a, b in zip(g, w)).item()]
+
+
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(SIZES))
-def test_sums_match_the_reference(case, dtype):
+def test_sums_match_float64(case, dtype):
+    if not _runs(case, dtype):
+        pytest.skip("fp16 runs on the mixed list only under the interpreter")
     g, w = make(SIZES[case], dtype, 1), make(SIZES[case], dtype, 2)
-    want = sum(x.double().square().sum() for x in g).item()
+    want = fp64_sums(g, w)
     for path in ("triton", "torch"):
         got = kernels.sum_squares(g, backend=path)
-        assert got.dtype == torch.float32 and got.dim() == 0
-        assert got.item() == pytest.approx(want, rel=SUM_RTOL)
-    torch.testing.assert_close(kernels.asam_sums(g, w, backend="triton"),
-                               kernels.asam_sums(g, w, backend="torch"), rtol=SUM_RTOL, atol=0)
+        assert got.dtype == torch.float32 and got.dim() == 0 and got.device == DEVICE
+        assert got.item() == pytest.approx(want[0], rel=SUM_RTOL)
+        sums = kernels.asam_sums(g, w, backend=path)
+        assert sums.dtype == torch.float32 and sums.shape == (3,)
+        assert sums.tolist() == pytest.approx(want, rel=SUM_RTOL)
 
 
-# every combination, less one 200-tensor case (the interpreter takes ~6 ms per program)
-PERTURB_CASES = [(case, dtype, adaptive) for case in SIZES
-                 for dtype in (torch.float32, torch.bfloat16) for adaptive in (False, True)
-                 if not (case == "200_small" and dtype == torch.bfloat16 and adaptive)]
+# every combination, less one 200-tensor case under the interpreter (~6 ms per program there)
+PERTURB_CASES = [(case, dtype, adaptive) for case in SIZES for dtype in DTYPES
+                 for adaptive in (False, True)
+                 if _runs(case, dtype) and (ON_GPU or not (case == "200_small"
+                                                           and dtype == torch.bfloat16 and adaptive))]
 
 
 @needs_triton
@@ -84,15 +118,16 @@ def test_perturb_matches_the_reference_and_restore_is_exact(case, dtype, adaptiv
         kernels.restore_(w, backups, backend=path)
         assert all(torch.equal(a, b) for a, b in zip(w, w0))
     close(results["triton"], results["torch"], dtype)
-    # and the reference itself against the definition, in float64
+    # and both against the definition, in float64
     norm = sumsq.double().sqrt()
-    for got, w, gi in zip(results["torch"], w0, g):
-        e = 2.0 * gi.double() / norm * (w.double().square() if adaptive else 1.0)
-        torch.testing.assert_close(got.double(), (w.double() + e).to(dtype).double(), **TOL[dtype])
+    for path in ("triton", "torch"):
+        for got, w, gi in zip(results[path], w0, g):
+            e = 2.0 * gi.double() / norm * (w.double().square() if adaptive else 1.0)
+            torch.testing.assert_close(got.double(), (w.double() + e).to(dtype).double(), **TOL[dtype])
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["triton", "torch"])
 def test_all_zero_gradients_leave_the_weights_and_give_no_nan(path, dtype):
     w0 = make(SIZES["mix"], dtype, 5)
@@ -105,11 +140,11 @@ def test_all_zero_gradients_leave_the_weights_and_give_no_nan(path, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_add_matches_the_reference(dtype):
     w0 = make(SIZES["mix"], dtype, 6)
     d = make(SIZES["mix"], torch.float32, 7)         # fp32 directions onto bf16 weights too
-    for alpha in (0.37, torch.tensor(-1.5)):
+    for alpha in (0.37, torch.tensor(-1.5, device=DEVICE)):
         out = {}
         for path in ("triton", "torch"):
             out[path] = [t.clone() for t in w0]
@@ -120,14 +155,14 @@ def test_add_matches_the_reference(dtype):
 
 
 @needs_triton
-def test_a_list_mixing_fp32_and_bf16_gets_one_launch_per_dtype():
+def test_a_list_mixing_fp32_bf16_and_fp16_gets_one_launch_per_dtype():
     shapes = [(1,), (33, 17), (4097,), (3, 1023), (9000,), (2,)]
-    w0 = [t.to(torch.bfloat16) if k % 2 else t for k, t in enumerate(make(shapes, torch.float32, 8))]
+    low = (torch.bfloat16, torch.float16)
+    w0 = [t.to(low[k // 2 % 2]) if k % 2 else t for k, t in enumerate(make(shapes, torch.float32, 8))]
     g = [t.to(w.dtype) for t, w in zip(make(shapes, torch.float32, 9), w0)]
-    want = sum(x.double().square().sum() for x in g).item()
-    assert kernels.sum_squares(g, backend="triton").item() == pytest.approx(want, rel=SUM_RTOL)
-    torch.testing.assert_close(kernels.asam_sums(g, w0, backend="triton"),
-                               kernels.asam_sums(g, w0, backend="torch"), rtol=SUM_RTOL, atol=0)
+    want = fp64_sums(g, w0)
+    assert kernels.sum_squares(g, backend="triton").item() == pytest.approx(want[0], rel=SUM_RTOL)
+    assert kernels.asam_sums(g, w0, backend="triton").tolist() == pytest.approx(want, rel=SUM_RTOL)
     for adaptive in (False, True):
         sumsq = kernels.sum_squares(g, weights=w0 if adaptive else None)
         out = {}
@@ -146,7 +181,7 @@ def test_a_list_mixing_fp32_and_bf16_gets_one_launch_per_dtype():
 def test_cpu_groups_never_reach_a_compiled_kernel(monkeypatch):
     # what the CPU part of a mixed CUDA/CPU list meets once the list as a whole took the Triton
     # path: without the interpreter each CPU group must go to the reference, not to a kernel
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert sam_perturb._kernel_runs_on(cuda, "auto") and sam_perturb._kernel_runs_on(cuda, "triton")
     assert not sam_perturb._kernel_runs_on(cpu, "auto") and not sam_perturb._kernel_runs_on(cpu, "triton")
@@ -154,17 +189,17 @@ def test_cpu_groups_never_reach_a_compiled_kernel(monkeypatch):
     assert sam_perturb._kernel_runs_on(cpu, "triton") and not sam_perturb._kernel_runs_on(cpu, "auto")
     monkeypatch.delenv("TRITON_INTERPRET")
     jitted = set(sam_perturb._JITTED)
-    w0, g = make(SIZES["mix"], torch.float32, 10), make(SIZES["mix"], torch.float32, 11)
+    w0, g = make(SIZES["mix"], torch.float32, 10, cpu), make(SIZES["mix"], torch.float32, 11, cpu)
     for choice in ("auto", "triton"):
         got = sam_perturb._sums_triton(g, w0, weighted=True, choice=choice)
         torch.testing.assert_close(got, kernels.asam_sums(g, w0, backend="torch"), rtol=0, atol=0)
         w, b = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
         sumsq = kernels.sum_squares(g)
-        sam_perturb._axpy_triton(w, g, b, sumsq, 2.0, 1e-12, mode=2, adaptive=False, save=True,
-                                 choice=choice)
+        sam_perturb._perturb_triton(w, g, b, kernels.perturb_scale(sumsq, 2.0), False, choice)
         ref, rb = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
         kernels.perturb_(ref, g, rb, sumsq, 2.0, backend="torch")
         assert all(torch.equal(x, y) for x, y in zip(w, ref))
+        sam_perturb._add_triton(w, g, 0.5, choice)
         sam_perturb._copy_triton(w, b, choice)
         assert all(torch.equal(x, y) for x, y in zip(w, w0))
     assert set(sam_perturb._JITTED) == jitted                  # no kernel was made for them
@@ -172,10 +207,10 @@ def test_cpu_groups_never_reach_a_compiled_kernel(monkeypatch):
 
 @pytest.mark.skipif(not (kernels.HAVE_TRITON and torch.cuda.is_available()), reason="needs a GPU")
 def test_a_list_mixing_cuda_and_cpu_tensors_matches_the_reference(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    w0 = make(SIZES["mix"], torch.float32, 12)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w0 = make(SIZES["mix"], torch.float32, 12, torch.device("cpu"))
     w0 = [t.cuda() if k % 2 else t for k, t in enumerate(w0)]
-    g = [t.to(w.device) for t, w in zip(make(SIZES["mix"], torch.float32, 13), w0)]
+    g = [t.to(w.device) for t, w in zip(make(SIZES["mix"], torch.float32, 13, torch.device("cpu")), w0)]
     assert kernels.backend(w0) == "triton"
     assert kernels.sum_squares(g).item() == pytest.approx(
         kernels.sum_squares(g, backend="torch").item(), rel=SUM_RTOL)
@@ -191,17 +226,62 @@ def test_a_list_mixing_cuda_and_cpu_tensors_matches_the_reference(monkeypatch):
 
 
 @needs_triton
-def test_tensors_the_kernel_cannot_take_fall_back_to_the_reference():
-    w0 = [torch.randn(5, 7).t(), torch.randn(9, dtype=torch.float64), torch.randn(300)]
-    g = [torch.randn_like(t) for t in w0]
-    assert kernels.sum_squares(g, backend="triton").item() == pytest.approx(
-        kernels.sum_squares(g, backend="torch").item(), rel=SUM_RTOL)
+def test_non_contiguous_and_float64_tensors_through_the_triton_path():
+    # The kernels address a tensor as data_ptr + 0..numel-1. A column slice keeps its elements
+    # elsewhere (rows with gaps between them) and a transposed view in another order, so a kernel
+    # that took them would read and write the wrong elements, the gaps that belong to the rest of
+    # `base` included. _triton_ok must send their (device, dtype) group to the reference.
+    gen = torch.Generator().manual_seed(14)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)   # noqa: E731
+    base, gbase = rnd(9, 16), rnd(9, 20)
+    base0 = base.clone()
+    w0 = [base0[:, 3:10], rnd(300), rnd(5, 9).double()]       # float64: no kernel either
+    g = [rnd(7, 9).t(), rnd(300), rnd(5, 9).double()]
+    gcut = gbase[:, 5:12]                                      # a gapped gradient for the norms
+    assert not base[:, 3:10].is_contiguous() and not g[0].is_contiguous()
+    assert kernels.sum_squares([gcut], backend="triton").item() == pytest.approx(
+        fp64_sums([gcut], [gcut])[0], rel=SUM_RTOL)
+    assert kernels.asam_sums([gcut], [base[:, 3:10]], backend="triton").tolist() == pytest.approx(
+        fp64_sums([gcut], [base[:, 3:10]]), rel=SUM_RTOL)
+    want = fp64_sums(g, w0)
+    assert kernels.asam_sums(g, w0, backend="triton").tolist() == pytest.approx(want, rel=SUM_RTOL)
+    for adaptive in (False, True):
+        sumsq = torch.tensor(want[1 if adaptive else 0], dtype=torch.float32, device=DEVICE)
+        out = {}
+        for path in ("triton", "torch"):
+            w = [base[:, 3:10], w0[1].clone(), w0[2].clone()]
+            b = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in w]
+            kernels.perturb_(w, g, b, sumsq, 1.5, adaptive=adaptive, backend=path)
+            out[path] = [t.clone() for t in w]
+            assert torch.equal(base[:, :3], base0[:, :3]) and torch.equal(base[:, 10:], base0[:, 10:])
+            kernels.add_(w, g, torch.tensor(-0.5, device=DEVICE), backend=path)
+            kernels.add_(w, g, 0.25, backend=path)
+            assert torch.equal(base[:, :3], base0[:, :3]) and torch.equal(base[:, 10:], base0[:, 10:])
+            kernels.restore_(w, b, backend=path)
+            assert torch.equal(base, base0) and all(torch.equal(x, y) for x, y in zip(w, w0))
+        norm = sumsq.double().sqrt()
+        for got, w, gi in zip(out["triton"], w0, g):
+            e = 1.5 * gi.double() / norm * (w.double().square() if adaptive else 1.0)
+            torch.testing.assert_close(got.double(), w.double() + e, **TOL[torch.float32])
+
+
+@needs_triton
+def test_unaligned_contiguous_views_take_the_kernel():
+    # views that start 4 bytes into their storage: contiguous, so the kernels take them, without
+    # the 16-byte alignment hint
+    w0, g = (make([(1001,)], torch.float32, seed)[0][1:] for seed in (15, 16))
+    assert w0.is_contiguous() and w0.data_ptr() % 16
+    sumsq = kernels.sum_squares([g], backend="triton")
+    assert sumsq.item() == pytest.approx(g.double().square().sum().item(), rel=SUM_RTOL)
     out = {}
     for path in ("triton", "torch"):
-        w, b = [t.clone() for t in w0], [torch.empty_like(t) for t in w0]
-        kernels.perturb_(w, g, b, kernels.sum_squares(g), 1.0, backend=path)
-        out[path] = w
-    close(out["triton"], out["torch"], torch.float32)
+        w, b = torch.cat([w0[:1], w0])[1:], torch.empty(1001, device=DEVICE)[1:]
+        kernels.perturb_([w], [g], [b], sumsq, 2.0, backend=path)
+        out[path] = w.clone()
+        kernels.add_([w], [g], 0.5, backend=path)
+        kernels.restore_([w], [b], backend=path)
+        assert torch.equal(w, w0)
+    close([out["triton"]], [out["torch"]], torch.float32)
 
 
 def test_launchers_reject_mismatched_lists():
@@ -224,7 +304,8 @@ def test_path_selection(monkeypatch):
         kernels.backend(cpu)
     if kernels.HAVE_TRITON:
         monkeypatch.setenv("FLATTUNE_KERNELS", "triton")
-        assert kernels.backend(cpu) == "triton"                # the interpreter, as in these tests
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.backend(cpu) == "triton"                # the interpreter
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             kernels.backend(cpu)
@@ -246,8 +327,8 @@ def test_import_and_reference_work_without_triton():
 def test_sam_takes_the_same_steps_through_either_kernel_path(monkeypatch):
     from sam import SAM
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
-    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).to(DEVICE)
+    x, y = torch.randn(16, 8, device=DEVICE), torch.randn(16, 2, device=DEVICE)
     weights = {}
     for path in ("triton", "torch"):
         monkeypatch.setenv("FLATTUNE_KERNELS", path)
@@ -260,4 +341,5 @@ def test_sam_takes_the_same_steps_through_either_kernel_path(monkeypatch):
             opt.second_step(zero_grad=True)
         weights[path] = list(model.parameters())
     close(weights["triton"], weights["torch"], torch.float32)
-    assert sam_perturb._JITTED                                 # the kernels really ran
+    # the kernels really ran: compiled on a GPU, interpreted on CPU
+    assert ("_perturb_kernel", not ON_GPU) in sam_perturb._JITTED
