@@ -25,7 +25,11 @@ Plain loop (accumulate `n_micro` micro-batches; two passes per step; clip the SE
 
 fp16 with a GradScaler (bf16 autocast needs none of this): pass the scaler to both steps and call
 `scaler.update()` after `second_step` as usual. A non-finite gradient in either pass skips the
-step, leaves the weights exactly as they were, and the scaler backs off.
+step, leaves the weights exactly as they were, and the scaler backs off. Under FSDP2 this holds on
+every rank even when only one rank's gradient shard is non-finite: the first pass's flag comes from
+the all-reduced norm, and SAM all-reduces the second pass's found-inf flag over the sharded mesh
+dimensions itself (torch >= 2.5 also does so inside DTensor's unscale; SAM does not rely on it).
+tests/test_fp16_ranks.py injects an inf into one rank's shard in each pass, on 2 ranks.
 
         for b in batches:
             scaler.scale(model(**b).loss / len(batches)).backward()
@@ -72,7 +76,22 @@ try:
 except ImportError:     # very old torch: no DTensor, so no FSDP2 either
     DTensor = None
 
+try:
+    from torch.amp.grad_scaler import OptState as _OptState
+except ImportError:     # older layout: scaler.step() unscales, as before
+    _OptState = None
+
 EPS = 1e-12
+
+
+def _set_found_inf(scaler, optimizer, found: torch.Tensor):
+    """Raise the GradScaler's found-inf flags recorded for `optimizer` to `found` (a bool tensor),
+    which scaler.step() reads to skip and scaler.update() to back off."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None or id(optimizer) not in states:
+        return
+    for v in states[id(optimizer)]["found_inf_per_device"].values():
+        v.copy_(torch.maximum(v, found.to(v.device, v.dtype)))
 
 
 def _check_rho(rho):
@@ -182,7 +201,10 @@ class SAM(torch.optim.Optimizer):
                    for (k, rho, ad) in sums)
         self.last_grad_norm = total[0].sqrt()
         self.last_perturbation_norm = e_sq.sqrt()
-        self._first_finite = torch.isfinite(total[1])
+        self._first_finite = torch.isfinite(total[0]) & torch.isfinite(total[1])
+        if scaler is not None and scaler.is_enabled():
+            # the sums are global, so every rank records the same found-inf for scaler.update()
+            _set_found_inf(scaler, self, ~self._first_finite)
         self._perturbed = []
         for (key, rho, adaptive), (params, ws, gs) in buckets.items():
             backups = [self._backup(p, w) for p, w in zip(params, ws)]
@@ -214,6 +236,7 @@ class SAM(torch.optim.Optimizer):
             kernels.restore_(ws, backups)
         first_finite, self._perturbed, self._first_finite = self._first_finite, None, None
         if scaler is not None and scaler.is_enabled():
+            self._agree_on_found_inf(scaler)
             # scaler.step syncs with the host to read its inf flags; this reads ours at that point
             if first_finite is None or bool(first_finite):
                 scaler.step(self.base_optimizer)
@@ -297,6 +320,27 @@ class SAM(torch.optim.Optimizer):
             for k, v in zip(keys, stacked.to(device)):
                 local[k] = v
         return local
+
+    def _agree_on_found_inf(self, scaler):
+        """Unscale the second gradient (unless the caller did, to clip) and make the scaler's
+        found-inf flag for the base optimizer the max over the ranks that hold other shards of the
+        same parameters, so every rank skips or every rank steps (one all-reduce of one number)."""
+        shards = dict.fromkeys(k for group in self.param_groups for p in group["params"]
+                               if p.grad is not None and (k := _shard_key(p)) is not None)
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if not shards or states is None or not dist.is_initialized():
+            return
+        if _OptState is not None and states[id(self.base_optimizer)]["stage"] is _OptState.READY:
+            scaler.unscale_(self.base_optimizer)
+        flags = states[id(self.base_optimizer)]["found_inf_per_device"]
+        if not flags:
+            return
+        found = torch.stack([v.to(next(iter(flags.values())).device).float().reshape(())
+                             for v in flags.values()]).amax()
+        for mesh, dims in shards:
+            for d in dims:
+                dist.all_reduce(found, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        _set_found_inf(scaler, self.base_optimizer, found > 0)
 
     def _backup(self, p, w):
         b = self._backups.get(p)
