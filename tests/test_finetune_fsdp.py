@@ -39,7 +39,7 @@ def _rows(out):
 
 
 def test_two_rank_fsdp_matches_one_process(tmp_path, tiny_path):
-    one = finetune.main(**ARGS, out=str(tmp_path / "one"))
+    one = finetune.main(finetune.Args(**ARGS, out=str(tmp_path / "one")))
     assert one["steps"] == 3
     log = _torchrun(tmp_path / "two")
     assert "2 rank(s) on cpu" in log and "stopped after step 1" in log and "resumed from" in log
