@@ -3,11 +3,11 @@
     python calibrate.py                                  # smollm2-135m, the default candidates -> results/
     python calibrate.py --model tiny --out /tmp/cal --candidates jeopardy:1e-3:2 gsm8k:1e-2:2 \
         --limit 4 --train-limit 16 --heldout 8 --max-len 64 --batch-size 8 --micro-batch-size 4
-    python calibrate.py --show results/calibration.json  # "DATA LR EPOCHS" of the choice (run_all.sh reads it)
+    python calibrate.py --show results/calibration.json  # "DATA LR EPOCHS" of the choice
     python calibrate.py ... -- --grad-clip 0             # arguments after -- go to every finetune.py call
 
 Why: at 135M parameters, fine-tuning on math made the model slightly better at the general tasks, and
-no forgetting means nothing for SAM to reduce (SCIENCE.md). So the study first looks for a stage-2
+no forgetting means nothing for SAM to reduce. So the study first looks for a stage-2
 setting - data further from the model's abilities, a higher learning rate, more epochs - where AdamW
 forgets by more than its error bar.
 
@@ -18,13 +18,11 @@ in the order given, mildest first; the first that passes is chosen and the rest 
 (--all runs them all). Outputs go into the study folder (runs/, evals/) under the names run_all.sh
 uses, so the study reuses the chosen candidate's run instead of training it again.
 
-Rule (a candidate passes when both hold):
-  forgets  the paired general change of --metric (p: probability of the correct choice, softmax over
-           the choices; mean over tasks) is below -FORGET_Z standard errors;
-  learns   the held-out in-domain loss falls by more than LEARN_Z standard errors and by at least
-           LEARN_FRAC of the stage-1 model's held-out loss.
-If none passes: of the candidates that learn, the one that forgets most (most negative change / SE);
-if none learns, the one that forgets most overall; calibration.json then holds "calibrated": false.
+The rule is study.py's (judge, choose): a candidate passes when AdamW's paired general change of
+--metric is below -CAL_FORGET_Z SE and its held-out loss falls by more than CAL_LEARN_Z SE and by at
+least CAL_LEARN_FRAC of the stage-1 model's; the first passing candidate is chosen. If none passes, the
+learner that forgets most is taken and calibration.json holds "calibrated": false. This file runs the
+candidates and writes the result.
 
 Writes into --out: calibration.json, calibration.md (every candidate's numbers and why the choice was
 made), calibration_args.json, runs/<name>/, evals/<name>/, evals/stage1*/, logs/calibrate_*.log.
@@ -37,61 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-import report
+import common
+import study
 
-FORGET_Z, LEARN_Z, LEARN_FRAC = 3.0, 3.0, 0.05
 SMOL_CANDIDATES = ("mt-mbpp-haskell:1e-4:2", "mt-mbpp-haskell:1e-3:2", "jeopardy:1e-3:2", "rot13:1e-3:2")
 SMOL_TASKS, SMOL_LIMIT = ("paper", "arc_easy", "piqa"), ("20", "hellaswag=40", "arc_easy=150", "piqa=150",
                                                           "copa=100")
-
-
-def parse_candidate(spec: str) -> dict:
-    parts = spec.split(":")
-    if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 2 or int(parts[2]) % 2:
-        raise ValueError(f"candidate {spec!r}: write DATA:LR:EPOCHS with an even number of epochs >= 2 "
-                         f"(SAM runs half as many), e.g. mt-mbpp-haskell:3e-4:2.")
-    try:
-        float(parts[1])
-    except ValueError:
-        raise ValueError(f"candidate {spec!r}: the learning rate {parts[1]!r} is not a number.") from None
-    return {"spec": spec, "data": parts[0], "lr": parts[1], "epochs": parts[2]}
-
-
-def _below(d, z):
-    """True when the paired change d is below -z standard errors (an SE of 0 counts any drop)."""
-    return bool(d) and d.get("mean") is not None and d.get("se") is not None and d["mean"] < 0 \
-        and d["mean"] < -z * d["se"]
-
-
-def judge(c: dict) -> dict:
-    """Add forgets / learns / passed and a one-line why to a measured candidate."""
-    g, gain, base = c.get("general"), c.get("gain"), c.get("heldout_loss_stage1")
-    c["forgets"] = _below(g, FORGET_Z)
-    neg_gain = {"mean": -gain["mean"], "se": gain["se"]} if gain and gain.get("mean") is not None else None
-    c["learns"] = _below(neg_gain, LEARN_Z) and base is not None and gain["mean"] >= LEARN_FRAC * base
-    c["passed"] = c["forgets"] and c["learns"]
-    c["forget_z"] = g["mean"] / g["se"] if g and g.get("se") else None
-    f = lambda d: "missing" if not d or d.get("mean") is None else f"{d['mean']:+.4f} ± {(d['se'] or 0):.4f}"
-    c["why"] = (f"general change {f(g)} ({'below' if c['forgets'] else 'not below'} -{FORGET_Z:g} SE); "
-                f"in-domain gain {f(gain)} of stage-1 loss {base if base is None else round(base, 4)} "
-                f"({'clear' if c['learns'] else 'not clear'}: needs > {LEARN_Z:g} SE and >= {LEARN_FRAC:.0%})")
-    return c
-
-
-def choose(cands: list) -> tuple:
-    """(index, calibrated, reason) by the module's rule; candidates are judged dicts, in run order."""
-    for i, c in enumerate(cands):
-        if c["passed"]:
-            return i, True, (f"{c['spec']} is the first candidate (in the order tried, mildest first) where "
-                             f"AdamW forgets by more than {FORGET_Z:g} SE while clearly learning the task.")
-    pool = [i for i, c in enumerate(cands) if c["learns"]] or list(range(len(cands)))
-    scored = [i for i in pool if cands[i]["forget_z"] is not None]
-    i = min(scored, key=lambda k: cands[k]["forget_z"]) if scored else pool[0]
-    what = "of those that learn clearly," if any(c["learns"] for c in cands) else "none learns clearly;"
-    z = cands[i]["forget_z"]
-    return i, False, (f"No candidate passed the rule; {what} {cands[i]['spec']} has the lowest general change / SE "
-                      f"({'missing' if z is None else f'{z:+.2f}'}). The study's forgetting comparison is therefore "
-                      f"weak: add stronger candidates (further data, higher lr, more epochs).")
 
 
 class Runner:
@@ -125,7 +74,7 @@ def main(model: str = "smollm2-135m", out: str = "results", candidates: list = S
     args = dict(locals())
     outp, train_limit = Path(out), train_limit or None   # 0: every item
     limit = [str(w) for w in ([limit] if isinstance(limit, (int, str)) else limit or []) if str(w) != "0"]
-    specs = [parse_candidate(c) for c in candidates]
+    specs = [study.parse_candidate(c) for c in candidates]
     if not specs:
         raise ValueError("--candidates is empty; give at least one DATA:LR:EPOCHS.")
     run = Runner(outp, shlex.split(launch) if launch else [sys.executable])
@@ -136,34 +85,33 @@ def main(model: str = "smollm2-135m", out: str = "results", candidates: list = S
         ["--model", model, *report_common, "--out", outp / "evals/stage1"])
     measured = []
     for k, c in enumerate(specs):
-        name = report.run_name(c["data"], c["lr"], c["epochs"], "adamw", seed)
+        name = study.run_name(c["data"], c["lr"], c["epochs"], "adamw", seed)
         runs, held = outp / "runs" / name, outp / "runs" / name / "heldout.jsonl"
-        base_held = outp / "evals" / f"stage1_heldout_{report.dtag(c['data'])}"
+        base_held = outp / "evals" / f"stage1_heldout_{study.dtag(c['data'])}"
         print(f"calibrate: candidate {k + 1}/{len(specs)} {c['spec']} -> {name}", flush=True)
         run(runs / "final.json", f"finetune {name}", "finetune.py",
             ["--model", model, "--data", c["data"], "--out", runs, "--epochs", c["epochs"], "--lr", c["lr"],
              "--seed", seed, *train, *finetune_args])
-        run(base_held / "results.json", f"held-out loss of stage 1 on {report.dtag(c['data'])}", "evaluate.py",
+        run(base_held / "results.json", f"held-out loss of stage 1 on {study.dtag(c['data'])}", "evaluate.py",
             ["--model", model, "--tasks", "none", "--heldout", held, "--dtype", dtype, "--max-len", max_len,
              "--out", base_held])
         run(outp / "evals" / name / "results.json", f"evaluate {name}", "evaluate.py",
             ["--model", runs, *report_common, "--heldout", held, "--baseline", outp / "evals/stage1",
              "--out", outp / "evals" / name])
-        m = report.measure(outp, name, c["data"], metric)
-        c = judge({**c, "name": name, **{k2: m.get(k2) for k2 in ("general", "gain", "heldout_loss_stage1",
+        m = study.measure(outp, name, metric)
+        c = study.judge({**c, "name": name, **{k2: m.get(k2) for k2 in ("general", "gain", "heldout_loss_stage1",
                                                                      "heldout_loss", "avg_delta", "avg")}})
         measured.append(c)
         print(f"calibrate: {c['spec']}: {'PASS' if c['passed'] else 'fail'}: {c['why']}", flush=True)
         if c["passed"] and not run_all:
             break
-    i, ok, reason = choose(measured)
+    i, ok, reason = study.choose(measured)
     result = {"choice": {k: measured[i][k] for k in ("spec", "data", "lr", "epochs", "name")},
               "calibrated": ok, "reason": reason, "metric": metric,
-              "rule": {"forget_z": FORGET_Z, "learn_z": LEARN_Z, "learn_frac": LEARN_FRAC},
+              "rule": {"forget_z": study.CAL_FORGET_Z, "learn_z": study.CAL_LEARN_Z, "learn_frac": study.CAL_LEARN_FRAC},
               "candidates": measured, "not_run": [c["spec"] for c in specs[len(measured):]],
-              "general_tasks": report.ability_text((report.load_eval(outp / "evals/stage1") or {}).get("items", [])),
+              "general_tasks": study.ability_text((study.load_eval(outp / "evals/stage1") or {}).get("items", [])),
               "settings": {k: v for k, v in args.items() if k not in ("out", "candidates")}}
-    import common
     common.write_json(outp / "calibration_args.json", args)
     common.write_text(outp / "calibration.md", markdown(result))
     common.write_json(outp / "calibration.json", result)
@@ -176,7 +124,7 @@ def markdown(result: dict) -> str:
         f"{s * d['mean']:+.4f} ± {(d.get('se') or 0) * abs(s):.4f}"
     lines = [f"Candidates, in the order tried (AdamW, seed {result['settings']['seed']}; general = paired change "
              f"of {result['metric']} vs the stage-1 model, mean over tasks ± SE, "
-             f"{report.METRIC_TEXT[result['metric']][1]}; in-domain = fall of the held-out loss, nats/token):", "",
+             f"{study.METRIC_TEXT[result['metric']][1]}; in-domain = fall of the held-out loss, nats/token):", "",
              "| candidate | general change ± SE | change / SE | stage-1 held-out loss | in-domain gain ± SE | "
              "Δ AVG (%) | forgets | learns | chosen |", "|---" * 9 + "|"]
     lines[0:0] = [result["general_tasks"], ""] if result.get("general_tasks") else []
@@ -198,14 +146,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def show(path: str) -> str:
-    res = report.read_json(path)
-    if res is None:
-        raise FileNotFoundError(f"--show {path}: no such file; run calibrate.py first.")
-    c = res["choice"]
-    return f"{c['data']} {c['lr']} {c['epochs']}"
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,7 +164,7 @@ if __name__ == "__main__":
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="finetune.py --precision")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", default="p", choices=list(report.METRIC_TEXT), help="per-item general metric")
+    p.add_argument("--metric", default="p", choices=list(study.METRIC_TEXT), help="per-item general metric")
     p.add_argument("--all", dest="run_all", action="store_true", help="run every candidate, even after a pass")
     p.add_argument("--launch", default=None, help='launcher of the stages, e.g. "torchrun --nproc_per_node 2"')
     p.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after --: extra finetune.py arguments")
@@ -233,7 +173,7 @@ if __name__ == "__main__":
     show_path = a.pop("show")
     try:
         if show_path:
-            print(show(show_path))
+            print(study.calibration_choice(show_path))
         else:
             main(**a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -27,7 +27,7 @@ from the left for each choice alone, as lm-eval cuts each request). acc = [argma
 acc_norm = [argmax ll_j / len_j == label] (len_j in characters of the choice, as lm-eval);
 lp = log_softmax(ll)[label] (log-probability of the correct choice normalised over the item's choices);
 p = exp(lp) (its probability: an expected accuracy, which a flatter choice distribution does not raise
-on a task at chance, whereas lp rises there - see the README's "Measuring forgetting");
+on a task at chance, whereas lp rises there when a model at chance becomes less confident);
 margin = ll_label - max_{j != label} ll_j. --scoring ppl adds acc_ppl: argmin over j of the mean NLL of
 the whole filled-in text (OpenCompass PPLInferencer: summed NLL over the token count), and makes it
 every task's primary metric. A task's score is its primary metric (TASKS: acc, or acc_norm where
@@ -61,10 +61,11 @@ by length, the vocabulary projection only where a continuation token is predicte
 one forward pass per choice (tests), bench/bench_eval.py compares with lm-evaluation-harness.
 
 Python API: evaluate_model(model, tokenizer, tasks, limit, shots, batch_size, scoring, seed, heldout,
-max_len, model_name) -> results (+ "items"); load_task(name, limit, shots, seed) -> items;
-load_jsonl(path); score_items(model, tokenizer, items, batch_size, scoring) -> per-item results;
-heldout_loss(model, tokenizer, records, max_len, batch_size); paired_diff(a_items, b_items, metric)
--> {mean, se, n}; summarize / compare / markdown / plot build the outputs above.
+max_len, model_name) -> results (+ "items"); score_items(model, tokenizer, items, batch_size, scoring)
+-> per-item results; encode_rows / pack_rows (the rows and packed tensors score_items feeds the model);
+heldout_loss(model, tokenizer, records, max_len, batch_size); summarize / compare / markdown / plot build
+the outputs above. Tasks and their loaders are tasks.py's; the paired statistics (stats, paired_diff)
+study.py's.
 """
 import argparse
 import json
@@ -77,9 +78,8 @@ import torch
 import torch.distributed as dist
 
 import common
-from tasks import (  # noqa: F401  (re-exported: the task table and loaders moved to tasks.py)
-    CATEGORIES, FORMATS, GROUPS, MMLU, PAPER_CATEGORIES, TASKS, TRUTHFULQA_PROMPT, TaskUnavailable, _key, _pick,
-    _read, load_jsonl, load_task, resolve_tasks)
+from study import combine_independent, paired_diff, stats
+from tasks import CATEGORIES, PAPER_CATEGORIES, TASKS, TaskUnavailable, item_key, load_task, resolve_tasks
 
 METRICS = ("acc", "acc_norm", "lp", "p", "margin")
 SUMMED = ("score", "lp", "p")  # the metrics averaged into categories and AVG
@@ -87,7 +87,7 @@ SUMMED = ("score", "lp", "p")  # the metrics averaged into categories and AVG
 
 # ----------------------------------------------------------------------------- scoring
 
-def _encode(items, tok, max_len):
+def encode_rows(items, tok, max_len):
     """Per item, its rows: [(context ids, [continuation ids], [choice indices])], split exactly as lm-eval's
     HFLM does. One row holds every choice; an item too long for the window gets a row per choice, each
     context cut from the left for that choice alone, as lm-eval cuts each request."""
@@ -131,7 +131,7 @@ def _encode(items, tok, max_len):
     return out
 
 
-def _pack(encoded, ppl):
+def pack_rows(encoded, ppl):
     """One row per (context, choices) pair: the context once, then the choices' tokens but their last as a
     prefix tree (a token several choices reach by the same path is fed once), each fed token attending to
     the context and to its own ancestors only (4-D mask; positions continue the context's). Returns tensors
@@ -208,7 +208,7 @@ def score_items(model, tokenizer, items, batch_size=8, scoring="loglik", max_len
     longest first (little padding) and dealt round-robin to the ranks; `batch_size` rows (one per item,
     unless an item overflows the window) go through the model at a time."""
     max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
-    encoded = _encode(items, tokenizer, max_len)
+    encoded = encode_rows(items, tokenizer, max_len)
     size = lambda row: len(row[0]) + sum(len(x) - 1 for x in row[1])  # noqa: E731
     mine = sorted(range(len(items)), key=lambda i: -sum(map(size, encoded[i])))[rank::world]
     rows = sorted(((i, row) for i in mine for row in encoded[i]), key=lambda r: -size(r[1]))
@@ -217,7 +217,7 @@ def score_items(model, tokenizer, items, batch_size=8, scoring="loglik", max_len
     t0 = time.time()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids, pos, allowed, targets = _pack([row[:2] for _, row in chunk], scoring == "ppl")
+        ids, pos, allowed, targets = pack_rows([row[:2] for _, row in chunk], scoring == "ppl")
         wanted = [(b, p, t) for b, (tg, cp) in enumerate(targets) for pairs in tg + [cp] for p, t in pairs]
         flat, k = _logprobs(model, ids, pos, allowed, wanted), 0
         for (i, (c_ids, conts, js)), (tg, cp) in zip(chunk, targets):
@@ -262,58 +262,9 @@ def heldout_loss(model, tokenizer, records, max_len=512, batch_size=8, rank=0, w
         for b, i in enumerate(chunk):
             r = records[keep[i]]
             out.append({"task": "heldout", "id": str(keep[i]), "tokens": int(counts[b]),
-                        "key": _key(r.get("instruction", "") + r.get("input", ""), [r.get("output", "")]),
+                        "key": item_key(r.get("instruction", "") + r.get("input", ""), [r.get("output", "")]),
                         "loss": float(per_row[b] / counts[b])})
     return out
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def _var(xs):
-    m = sum(xs) / len(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-
-
-def stats(values, strata=None):
-    """{"mean", "se", "n"}: the mean of the stratum means (one stratum: the plain mean) and its standard
-    error, each stratum's variance with ddof 1 (a 1-item stratum borrows the pooled variance)."""
-    if not values:
-        return {"mean": None, "se": None, "n": 0}
-    groups = defaultdict(list)
-    for v, s in zip(values, strata or [None] * len(values)):
-        groups[s].append(v)
-    pooled = _var(values)
-    var = sum((_var(g) if len(g) > 1 else pooled) / len(g) for g in groups.values())
-    S = len(groups)
-    return {"mean": sum(sum(g) / len(g) for g in groups.values()) / S,
-            "se": math.sqrt(var) / S if len(values) > 1 else None, "n": len(values)}
-
-
-def _combine(parts):
-    """Mean of independent estimates {"mean", "se"} and its standard error."""
-    parts = [p for p in parts if p and p["mean"] is not None]
-    if not parts:
-        return {"mean": None, "se": None}
-    se = None if any(p["se"] is None for p in parts) else math.sqrt(sum(p["se"] ** 2 for p in parts)) / len(parts)
-    return {"mean": sum(p["mean"] for p in parts) / len(parts), "se": se}
-
-
-def paired_diff(a_items, b_items, metric="acc", by="subject"):
-    """Paired per-item difference a - b over the items both hold ({"mean", "se", "n"}), stratified by the
-    item field `by`: "subject" within a task (like its score), "task" for a mean over tasks. Items pair by
-    (task, id) and must carry the same prompt key."""
-    b = {(r["task"], r["id"]): r for r in b_items}
-    diffs, strata = [], []
-    for r in a_items:
-        o = b.get((r["task"], r["id"]))
-        if o is None or metric not in r or metric not in o:
-            continue
-        if o["key"] != r["key"]:
-            raise ValueError(f"task {r['task']} item {r['id']} has a different prompt in the baseline; paired "
-                             f"differences need both runs on the same items, shots and format.")
-        diffs.append(r[metric] - o[metric])
-        strata.append(r.get(by))
-    return stats(diffs, strata)
 
 
 def summarize(items, unavailable, settings):
@@ -341,13 +292,13 @@ def summarize(items, unavailable, settings):
         missing = {n: unavailable.get(n, "not requested") for n in names if n not in tasks}
         cats[c] = {"tasks": present, "missing": missing, "partial": bool(missing)}
         for m in SUMMED:
-            cm = _combine([{"mean": tasks[n][m], "se": tasks[n][m + "_se"]} for n in present])
+            cm = combine_independent([{"mean": tasks[n][m], "se": tasks[n][m + "_se"]} for n in present])
             cats[c][m], cats[c][m + "_se"] = cm["mean"], cm["se"]
     scored = [c for c in PAPER_CATEGORIES if c in cats and cats[c]["score"] is not None]
     avg = {"categories": scored,
            "partial": len(scored) < len(PAPER_CATEGORIES) or any(cats[c]["partial"] for c in scored)}
     for m in SUMMED:
-        am = _combine([{"mean": cats[c][m], "se": cats[c][m + "_se"]} for c in scored])
+        am = combine_independent([{"mean": cats[c][m], "se": cats[c][m + "_se"]} for c in scored])
         avg[m], avg[m + "_se"] = am["mean"], am["se"]
     held = by_task.get("heldout")
     heldout = None
@@ -372,9 +323,9 @@ def compare(results, items, base_results, base_items):
     for c, cat in results["categories"].items():
         ts = [n for n in cat["tasks"] if n in delta["tasks"]]
         if ts:
-            delta["categories"][c] = {m: _combine([delta["tasks"][n][m] for n in ts]) for m in SUMMED}
+            delta["categories"][c] = {m: combine_independent([delta["tasks"][n][m] for n in ts]) for m in SUMMED}
     cs = [c for c in PAPER_CATEGORIES if c in delta["categories"] and c in base_results["categories"]]
-    delta["avg"] = {m: _combine([delta["categories"][c][m] for c in cs]) for m in SUMMED}
+    delta["avg"] = {m: combine_independent([delta["categories"][c][m] for c in cs]) for m in SUMMED}
     delta["avg"]["categories"] = cs
     delta["heldout"] = paired_diff([r for r in items if r["task"] == "heldout"],
                                    [r for r in base_items if r["task"] == "heldout"], "loss")

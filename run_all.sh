@@ -13,7 +13,7 @@
 # Each step is skipped when its output exists, so running it again resumes an interrupted study (and
 # re-renders the report). Step logs: $OUT/logs/ (VERBOSE=1 also prints them). Multi-node: torchrun
 # reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, or set TORCHRUN_ARGS.
-# Every variable below can be overridden from the environment; the README explains each.
+# Every variable below can be overridden from the environment.
 set -euo pipefail
 [[ -z ${OUT:-} || $OUT == /* ]] || OUT=$PWD/$OUT   # a relative OUT is the caller's; the default is in the repo
 cd "$(dirname "$0")"
@@ -31,7 +31,7 @@ case $PROFILE in
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
     : "${MODEL:=smollm2-135m}" "${TASKS:=paper arc_easy piqa}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
     : "${MAX_LEN:=256}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then  # 59m31s measured on a quiet 2-core CPU in fp32 (README: Cost)
+    if [[ $PROFILE == smol ]]; then  # 59m31s measured on a quiet 2-core CPU in fp32
       # 20 items of the tasks SmolLM2-135M is at chance on, more of those it can do (the general change)
       : "${LIMIT:=20 hellaswag=40 arc_easy=150 piqa=150 copa=100}" "${TRAIN_LIMIT:=64}" "${BATCH:=8}"
       : "${HELDOUT:=32}" "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02 0.1 2}" "${SEEDS:=0 1}" "${OTHER_DATA:=}"
@@ -95,7 +95,8 @@ say() { echo "[run_all $(fmt $((SECONDS - START)))] $*"; }
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 dtag() { local b=${1%/}; b=${b##*/}; b=${b%.jsonl}; echo "${b%.json}"; }   # data set -> name part
 where() { local r=${1#"$OUT"}; echo "${r:+${r#/}/}"; }   # ROOT -> "" or "sizes/<model>/" (for labels)
-run_name() { echo "$(dtag "$1")_lr$2_e$3_$4${6:+_$6}_s$5"; }   # DATA LR EPOCHS METHOD SEED [rh]
+# DATA LR EPOCHS METHOD SEED [rh] -> the folder name study.run_name gives (tests/test_run_all.py checks it)
+run_name() { echo "$(dtag "$1")_lr$2_e$3_$4${6:+_$6}_s$5"; }
 
 # step COST DONE LABEL CMD...: run CMD unless DONE exists. The plan pass only counts (and, with
 # DRY_RUN=1, prints); the run pass runs, logs to $OUT/logs and prints progress with the time left.
@@ -186,7 +187,7 @@ calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py'
     --heldout "$HELDOUT" --batch-size "$BATCH" --micro-batch-size "$MICRO" --precision "$PRECISION" \
     --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${EXTRA[@]}"
   if [[ -f $OUT/calibration.json ]]; then
-    read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" calibrate.py --show "$OUT/calibration.json")"
+    read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" study.py calibration "$OUT/calibration.json")"
   else  # plan pass before calibration has run: names hold placeholders
     STAGE2_DATA=CALIBRATED STAGE2_LR=LR
     local cal; cal=$(run_name CALIBRATED LR "$STAGE2_EPOCHS" adamw "$SEED0")
@@ -196,7 +197,7 @@ calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py'
   fi
 }
 
-best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly learn (report.py --best-rho)
+best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly learn (study.py best-rho)
   BEST_RHO=${RHOS%% *}
   [[ $RHOS == *" "* ]] || return 0
   local rho e=$((STAGE2_EPOCHS / 2))
@@ -204,7 +205,7 @@ best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly lea
     [[ -f $OUT/evals/$(run_name "$STAGE2_DATA" "$STAGE2_LR" "$e" "sam$rho" "$SEED0")/results.json ]] || {
       BEST_RHO=BEST; return 0; }   # plan pass: the sweep has not run yet
   done
-  BEST_RHO=$("$PYTHON" report.py "${REPORT[@]}" --best-rho)
+  BEST_RHO=$("$PYTHON" study.py best-rho "${REPORT[@]}")
 }
 
 study() {

