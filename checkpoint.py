@@ -120,6 +120,9 @@ def save_final(out: Path, model, tokenizer):
             return
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(model.config)
+            if hasattr(model, "peft_config"):       # the same adapters, to load the gathered state into
+                from peft import get_peft_model
+                plain = get_peft_model(plain, model.peft_config["default"])
         plain.load_state_dict(sd, assign=True)
         plain.tie_weights()
         plain.generation_config = model.generation_config

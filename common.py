@@ -217,6 +217,8 @@ def save_model(model, tokenizer, out, state_dict=None):
 
 def decoder_layers(model):
     """The list of transformer blocks of a HF causal LM (Llama, Mistral, Qwen, GPT-NeoX, GPT-2)."""
+    if hasattr(model, "get_base_model"):         # a peft model: its wrapped transformer
+        model = model.get_base_model()
     for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
         obj = model
         try:

@@ -252,10 +252,8 @@ def check(args: Args, world: int):
     if args.eval_every < 0 or (args.eval_every and not args.general_text):
         raise ValueError("--eval-every K needs K >= 0 and --general-text PATH (write one with "
                          "`python data.py --general-text PATH`).")
-    if args.lora < 0 or (args.lora and world > 1):
-        raise ValueError("--lora R needs R >= 0 and runs on one process: under torchrun, FSDP2 would "
-                         "shard the frozen base and the adapters together (see docs/finetune.md); run "
-                         "LoRA with `python finetune.py` or SAMTrainer (trainer.py) under DDP.")
+    if args.lora < 0:
+        raise ValueError(f"--lora {args.lora}: the LoRA rank must be >= 1 (or 0 for full fine-tuning).")
 
 
 def resolve_precision(precision: str, device) -> str:

@@ -75,6 +75,7 @@ def reference(model, text: GeneralText, ctx, device) -> list:
         lp, _, _ = _target_logprobs(model, batch, ctx, device)
         top = lp.topk(TOPK, dim=-1)
         ref.append((top.values.cpu(), top.indices.to(torch.int32).cpu()))
+    _reshard(model)
     model.train()
     return ref
 
@@ -99,6 +100,7 @@ def general(model, text: GeneralText, ref, ctx, device) -> tuple[list, list]:
         per_kl = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, tok_kl.double())
         for b, i in enumerate(idx):
             nll[i], kl[i] = float(per_nll[b] / counts[b]), float(per_kl[b] / counts[b])
+    _reshard(model)
     model.train()
     return nll, kl
 
@@ -120,26 +122,43 @@ def heldout_loss(model, examples: list, micro: int, pad_id: int, ctx, device) ->
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
         total += float(common.token_loss(logits, batch["labels"]))
         count += int(keep.sum())
+    _reshard(model)
     model.train()
     return total / count
+
+
+def _reshard(model):
+    """FSDP2's root module keeps its weights gathered after a forward; shard them again, so that
+    model.parameters() are the DTensor shards once more."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _unique(tensors):
+    """Each storage once: FSDP2 lists a tied embedding / output matrix as two parameters."""
+    seen, out = set(), []
+    for t in tensors:
+        if t.data_ptr() not in seen or t.numel() == 0:
+            seen.add(t.data_ptr())
+            out.append(t)
+    return out
+
+
 @torch.no_grad()
 def snapshot(params) -> list:
     """A copy of this rank's part of the parameters: w0 for displacement()."""
-    return [_local(p).detach().clone() for p in params]
+    return [w.detach().clone() for w in _unique([_local(p) for p in params])]
 
 
 @torch.no_grad()
 def displacement(params, start: list) -> float:
     """||w - w0|| / ||w0|| over `params`; FSDP2 shards are summed over the ranks."""
     sums = torch.zeros(2, dtype=torch.float64, device=start[0].device if start else "cpu")
-    for p, w0 in zip(params, start):
-        w = _local(p)
+    for w, w0 in zip(_unique([_local(p) for p in params]), start):
         sums[0] += (w.double() - w0.double()).square().sum()
         sums[1] += w0.double().square().sum()
     if dist.is_initialized() and any(hasattr(p, "to_local") for p in params):
@@ -150,17 +169,21 @@ def displacement(params, start: list) -> float:
 @torch.no_grad()
 def lora_displacement(model) -> float:
     """||W_merged - W_base|| / ||W_base|| of a peft LoRA model: the merged update scale * B A of every
-    adapted layer against the norm of all base weights (what displacement() gives a full fine-tune)."""
-    moved, norm = 0.0, 0.0
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            norm += float(p.double().square().sum())
+    adapted layer against the norm of all base weights (what displacement() gives a full fine-tune).
+    Under FSDP2 the base norm sums the ranks' shards and the (small) adapters are gathered whole."""
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    _reshard(model)
+    base = _unique([_local(p) for name, p in model.named_parameters() if "lora_" not in name])
+    norm = torch.stack([w.double().square().sum() for w in base]).sum()
+    if dist.is_initialized() and any(hasattr(p, "to_local") for p in model.parameters()):
+        dist.all_reduce(norm)
+    moved = 0.0
     for m in model.modules():
         if hasattr(m, "lora_A") and hasattr(m, "scaling"):
             for key in m.lora_A:
-                delta = m.lora_B[key].weight.double() @ m.lora_A[key].weight.double() * m.scaling[key]
-                moved += float(delta.square().sum())
-    return math.sqrt(moved / norm) if norm else 0.0
+                delta = full(m.lora_B[key].weight).double() @ full(m.lora_A[key].weight).double()
+                moved += float((delta * m.scaling[key]).square().sum())
+    return math.sqrt(moved / float(norm)) if norm > 0 else 0.0
 
 
 def point(model, text, ref, held_examples, micro, pad_id, ctx, device, params=None, start=None) -> dict:

@@ -1,6 +1,6 @@
-"""2 ranks (torchrun, gloo, FSDP2) == 1 process: SAM losses, perturbation norm and final weights,
-with the 2-rank run interrupted and resumed from its per-rank sharded checkpoint on the way
-(tests/finetune_fsdp_worker.py does both in one launch)."""
+"""2 ranks (torchrun, gloo, FSDP2) == 1 process: SAM losses, perturbation norm, trajectory probes and
+final weights, for a full fine-tune and for LoRA, with the 2-rank run interrupted and resumed from its
+per-rank sharded checkpoint on the way (tests/finetune_fsdp_worker.py does both in one launch)."""
 import json
 import os
 import signal
@@ -10,6 +10,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+import pytest
+
+import common
+import data
 import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,9 +23,9 @@ ARGS = dict(model="tiny", data="naturalqs", limit=24, heldout=2, epochs=1, batch
             warmup_ratio=0.0, save_every=0)
 
 
-def _torchrun(out):
+def _torchrun(args, out):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/finetune_fsdp_worker.py", json.dumps(ARGS), str(out)]
+           "tests/finetune_fsdp_worker.py", json.dumps(args), str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
@@ -38,16 +42,34 @@ def _rows(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _general_text(tmp_path):
+    path = tmp_path / "general_text.jsonl"
+    recs = data.general_text(6, common.load_tokenizer("tiny"), max_tokens=60)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def _same_trajectory(a, b):
+    ta, tb = common.read_jsonl(Path(a) / "trajectory.jsonl"), common.read_jsonl(Path(b) / "trajectory.jsonl")
+    assert [r["step"] for r in ta] == [r["step"] for r in tb] and len(ta) >= 3
+    for x, y in zip(ta, tb):
+        for key in ("heldout_loss", "general_nll", "kl_to_start", "displacement"):
+            assert abs(x[key] - y[key]) <= 1e-4 * abs(x[key]) + 1e-6, (x["step"], key, x[key], y[key])
+    assert ta[-1]["displacement"] > 0
+
+
 def test_two_rank_fsdp_matches_one_process(tmp_path, tiny_path):
-    one = finetune.main(finetune.Args(**ARGS, out=str(tmp_path / "one")))
+    args = dict(ARGS, eval_every=2, general_text=_general_text(tmp_path))
+    one = finetune.main(finetune.Args(**args, out=str(tmp_path / "one")))
     assert one["steps"] == 3
-    log = _torchrun(tmp_path / "two")
+    log = _torchrun(args, tmp_path / "two")
     assert "2 rank(s) on cpu" in log and "stopped after step 1" in log and "resumed from" in log
     r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert len(r1) == len(r2) == 3
     for a, b in zip(r1, r2):
         for key in ("loss", "loss_perturbed", "grad_norm", "perturbation_norm"):
             assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])
+    _same_trajectory(tmp_path / "one", tmp_path / "two")
     final = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final["world"] == 2 and final["passes"] == 6
     assert abs(final["heldout_loss_end"] - one["heldout_loss_end"]) < 1e-4
@@ -59,3 +81,20 @@ def test_two_rank_fsdp_matches_one_process(tmp_path, tiny_path):
         # so compare against the size of the update itself (the gradient norms above are exact)
         moved, diff = (w1[k] - base[k]).abs().max(), (w1[k] - w2[k]).abs().max()
         assert moved > 1e-3 and diff <= 0.05 * moved, (k, float(diff), float(moved))
+
+
+def test_two_rank_lora_matches_one_process(tmp_path, tiny_path):
+    """LoRA under FSDP2: the frozen base and the adapters sharded together, SAM over the adapters only,
+    the merged model gathered on rank 0; the same run as one process, and resumable."""
+    args = dict(ARGS, lr=3e-3, lora=4, lora_dropout=0.0, eval_every=1, general_text=_general_text(tmp_path))
+    finetune.main(finetune.Args(**args, out=str(tmp_path / "one")))
+    log = _torchrun(args, tmp_path / "two")
+    assert "resumed from" in log and "8,192 trainable parameters" in log
+    r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    for a, b in zip(r1, r2):
+        assert abs(a["loss_perturbed"] - b["loss_perturbed"]) <= 1e-5 * a["loss_perturbed"]
+        assert abs(b["perturbation_norm"] - 0.05) < 1e-5
+    _same_trajectory(tmp_path / "one", tmp_path / "two")
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
