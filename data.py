@@ -73,7 +73,7 @@ DATASETS = {
                "`mt-mbpp-<lang>` selects one language: " + ", ".join(MBPP_LANGUAGES) + ".",
     "squad": "offline SQuAD v1 (1000 items): title + background passage + question -> input, "
              "first gold span -> output (extractive reading comprehension).",
-    "drop": "offline DROP (957 items): passage + question -> input, first gold answer -> output "
+    "drop": "offline DROP (1000 items): passage + question -> input, first gold answer -> output "
             "(numerical reasoning over paragraphs).",
     "coqa": "offline CoQA (~500 stories, 7983 turns): one chat per story, first user turn holds the "
             "passage; messages, trains on the assistant answers (a chat / ShareGPT stand-in).",

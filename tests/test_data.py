@@ -19,9 +19,15 @@ def _write(path, lines):
 
 # ----------------------------------------------------------------------------- offline names
 
-def test_every_name_is_documented():
-    for name in data.OFFLINE + tuple(data.HUB):
-        assert name in data.DATASETS and len(data.DATASETS[name]) > 30
+def test_every_name_is_documented_and_offline_descriptions_state_what_loads():
+    import re
+    assert set(data.OFFLINE) | set(data.HUB) <= set(data.DATASETS)
+    for name in data.OFFLINE:       # "(1319 grade-school ...", "(~500 stories ...": the count it loads
+        approx, count = re.search(r"\((~?)(\d+)", data.DATASETS[name]).groups()
+        got = len(data.load_records(name))
+        assert (abs(got - int(count)) <= 0.1 * int(count)) if approx else got == int(count), (name, got, count)
+    for name, (hub_id, _) in data.HUB.items():
+        assert hub_id in data.DATASETS[name]
 
 
 @pytest.mark.parametrize("name,count", [("gsm8k", 1319), ("math", 5000), ("mbpp", 500),
