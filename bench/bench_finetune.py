@@ -1,6 +1,5 @@
 """finetune.py against the Hugging Face Trainer, side by side on one machine, one model, one batch.
 
-    pip install accelerate        # the Trainer needs it; bench-only, not in requirements.txt
     python bench/bench_finetune.py                # SmolLM2-135M, 96 GSM8K items, bf16 autocast
     python bench/bench_finetune.py --precision fp32   # CPUs without AMX / AVX512-BF16 (emulated bf16)
     python bench/bench_finetune.py --quick        # smoke test: tiny model, 16 items, 2 steps each
@@ -64,12 +63,12 @@ def run_finetune(model: str, items: int, max_len: int, precision: str, out: str,
                  sam: bool) -> dict:
     import finetune
     import data
-    final = finetune.main(model=model, data="gsm8k", out=out, limit=items, heldout=0, epochs=1,
-                          batch_size=8, micro_batch_size=4, max_len=max_len, precision=precision,
-                          max_steps=max_steps or None, sam=sam, rho=0.05, save_every=0, log_every=4)
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time"] for r in rows[1:]] or [rows[0]["step_time"]]
+    final = finetune.main(finetune.Args(model=model, data="gsm8k", out=out, limit=items, heldout=0, epochs=1,
+                                        batch_size=8, micro_batch_size=4, max_len=max_len, precision=precision,
+                                        max_steps=max_steps or None, sam=sam, rho=0.05, save_every=0, log_every=4))
     import common
+    rows = common.read_jsonl(Path(out) / "metrics.jsonl")
+    times = [r["step_time"] for r in rows[1:]] or [rows[0]["step_time"]]
     examples, _ = data.tokenize(data.load_records("gsm8k", limit=items), common.load_tokenizer(model), max_len)
     plan = finetune.epoch_plan(examples, 4, 2, 1, 0, 0)
     return {"tokens_per_s": final["tokens_per_s"], "peak_rss_gb": peak_rss_gb(),
