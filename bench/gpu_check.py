@@ -577,7 +577,7 @@ def check_evaluate_speed(ctx) -> dict:
     del model
     ok = disagree == 0 and max_diff < 1e-3
     summary = (f"{len(items) / t_ours:.0f} vs {len(items) / t_ref:.0f} items/s = {speedup:.2f}x; "
-               f"{disagree} answers differ ({ties} ties), max |ll diff| {max_diff:.1e}")
+               f"{disagree} answers differ ({ties} ties), max ll difference {max_diff:.1e}")
     return {"ok": ok, "summary": summary, "target_met": speedup >= TARGETS["eval_speedup"],
             "target": f">= {TARGETS['eval_speedup']}x", "details": details}
 
@@ -593,7 +593,7 @@ def markdown(report: dict) -> str:
              "| check | status | s | result | target | met |", "|---|---|---:|---|---|---|"]
     for name, c in report["checks"].items():
         met = {True: "yes", False: "NO", None: ""}[c.get("target_met")]
-        lines.append(f"| {name} | {c['status']} | {c['seconds']:.0f} | {c['summary']} | "
+        lines.append(f"| {name} | {c['status']} | {c['seconds']:.0f} | {c['summary'].replace('|', '/')} | "
                      f"{c.get('target', '')} | {met} |")
     bw = report["checks"].get("kernel_bandwidth", {}).get("details", {})
     if isinstance(bw, dict) and bw:
