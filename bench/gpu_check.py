@@ -54,6 +54,7 @@ import common  # noqa: E402
 
 CHECKS = ("environment", "kernel_tests", "kernel_bandwidth", "sam_vs_adamw", "finetune_resume",
           "evaluate_speed")
+IMPORTS = ("common", "data", "finetune", "evaluate", "sam", "kernels")
 TARGETS = {"triton_copy_share": 0.85, "sam_over_adamw": 2.05, "eval_speedup": 2.0}
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
@@ -203,11 +204,11 @@ def check_environment(ctx) -> dict:
     code = ("import importlib, json, sys, traceback\n"
             "sys.modules['datasets'] = None; sys.modules['gguf'] = None\n"
             "bad = {}\n"
-            "for m in ('common', 'data', 'finetune', 'evaluate', 'sam', 'kernels'):\n"
+            f"for m in {ctx.get('import_modules', IMPORTS)!r}:\n"
             "    try: importlib.import_module(m)\n"
             "    except Exception as e:\n"
             "        frames = [f for f in traceback.extract_tb(e.__traceback__)\n"
-            "                  if f.filename.startswith(sys.path[0])]\n"
+            f"                  if f.filename.startswith({str(ROOT)!r})]\n"
             "        where = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]\n"
             "        bad[m] = f'{where.filename}:{where.lineno}: {where.line} -> {e!r}'\n"
             "print(json.dumps(bad))\n")

@@ -82,3 +82,16 @@ def test_without_a_gpu_the_full_run_refuses_in_one_sentence(tmp_path):
 def test_an_unknown_check_is_refused(tmp_path):
     proc = run(str(tmp_path), "--smoke", "--only", "kernels", timeout=120)
     assert proc.returncode == 2 and "--only kernels" in proc.stderr
+
+
+def test_an_import_that_needs_datasets_fails_the_environment_check_and_names_the_line(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    (tmp_path / "needs_datasets.py").write_text("import json\nimport datasets\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    ctx = {"device": torch.device("cpu"), "smoke": True, "env": env,
+           "import_modules": ("common", "needs_datasets")}
+    result = gpu_check.check_environment(ctx)
+    assert not result["ok"]
+    bad = result["details"]["imports_without_datasets_gguf"]
+    assert set(bad) == {"needs_datasets"} and "needs_datasets.py:2: import datasets" in bad["needs_datasets"]
