@@ -310,11 +310,18 @@ def _primitive_rows(shapes, dtype, device, repeats, sweep):
 def check_kernel_bandwidth(ctx) -> dict:
     import bench_sam
     dev, smoke = ctx["device"], ctx["smoke"]
+    layers = 32
+    if dev.type == "cuda":     # w, g, the copies and the loop's clones: ~4 lists; fewer layers if short
+        free = torch.cuda.mem_get_info(dev)[0]
+        while layers > 1 and 4.3 * 2 * sum(math.prod(s) for s in
+                                         llama_shapes(128256, 4096, 14336, layers, 1024)) > free:
+            layers //= 2
+    big = f"Llama-3-8B parameters{'' if layers == 32 else f' ({layers} of 32 layers: GPU memory)'}, bf16"
     workloads = {
         "Llama-2-7B layer, fp32": (bench_sam.QUICK_LAYER if smoke else bench_sam.LLAMA7B_LAYER,
                                    torch.float32),
-        "Llama-3-8B parameters, bf16": (llama_shapes(2048, 128, 352, 2, 32) if smoke
-                                        else llama_shapes(128256, 4096, 14336, 32, 1024), torch.bfloat16)}
+        big: (llama_shapes(2048, 128, 352, 2, 32) if smoke
+              else llama_shapes(128256, 4096, 14336, layers, 1024), torch.bfloat16)}
     details, ok, misses = {}, True, []
     for name, (shapes, dtype) in workloads.items():
         rows = _primitive_rows(shapes, dtype, dev, 2 if smoke else (10 if "layer" in name else 5),
