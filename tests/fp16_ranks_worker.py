@@ -22,17 +22,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 from sam import SAM  # noqa: E402
+from sam_fsdp_worker import build_model  # noqa: E402  (this folder is on sys.path: the script's own)
 
 INIT_SCALE = 2.0 ** 10
-
-
-def build_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def shard(base):

@@ -1,35 +1,17 @@
 """fp16 + GradScaler + SAM on 2 FSDP2 ranks (gloo, CPU): an inf in ONE rank's gradient shard, in
 either pass, makes EVERY rank skip the step and back off; without an inf every rank steps.
 The worker is tests/fp16_ranks_worker.py."""
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from test_sam_fsdp import run_two_ranks
+
 INIT_SCALE = 2.0 ** 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FLATTUNE_KERNELS="torch")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "fp16_ranks_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_two_ranks("fp16_ranks_worker.py", tmp_path_factory.mktemp("fp16_ranks"),
+                         FLATTUNE_KERNELS="torch")
 
 
 def test_without_an_inf_every_rank_steps(ranks):
