@@ -194,7 +194,7 @@ def check_environment(ctx) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "device": str(dev),
             **{name: version(name) for name in ("triton", "transformers", "tokenizers", "accelerate",
-                                                "peft", "datasets", "gguf", "pytest")}}
+                                                "peft", "datasets", "gguf", "pytest", "matplotlib")}}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
@@ -486,6 +486,9 @@ def check_finetune_resume(ctx) -> dict:
                    f"{runs[0]['seconds']:.0f}s + {runs[1]['seconds']:.0f}s")
     else:
         summary = f"failed: runs {[(r['args'], r['rc']) for r in runs]}, steps {details['steps']}"
+        missing = [m for m in ("matplotlib", "peft") if f"No module named '{m}'" in runs[-1]["log_tail"]]
+        if missing:
+            summary += f"; finetune.py needs {', '.join(missing)} on this machine"
     return {"ok": ok, "summary": summary, "details": details}
 
 
