@@ -35,12 +35,9 @@ Logs (with the Trainer's `loss`, `grad_norm` = ||g'|| before clipping, `learning
 and `sam_grad_norm` (||g||, the global first-pass gradient norm of the latest SAM step).
 TRL's own training metrics (token count, token accuracy, entropy) describe the first pass only.
 
-Refused, each with one sentence: DeepSpeed (its engine owns backward and the step, so the
-second pass cannot be placed), FSDP1 (flat per-rank shards: the norm would be per-rank),
-optimizers the Trainer builds as factories or per layer (Muon, Dion, LOMO, `*_layerwise`), an
-`optimizers=` tuple whose optimizer is not a `sam.SAM`, and for now a sharded model (FSDP2
-through accelerate): accelerate shards only on GPUs, so no run here could check it against SAM
-by hand; FLATTUNE_TRAINER_FSDP2=1 lets it through to run that check (docs/trainer.md).
+Refused with one sentence each (docs/trainer.md says why): DeepSpeed, FSDP1, optimizers the
+Trainer builds as factories or per layer, an `optimizers=` tuple without a `sam.SAM`, and for now
+a sharded model (FSDP2 through accelerate: accelerate shards only on GPUs, so it is not verified).
 """
 import contextlib
 import os

@@ -1,7 +1,7 @@
 """SAM with TRL's SFTTrainer on a chat dataset, offline on the built-in models.
 
     python examples/sft_sam.py                                   # tiny model, ~30 s on 2 CPU cores
-    python examples/sft_sam.py --model smollm2-135m --rho 0.05 --steps 20
+    python examples/sft_sam.py --model smollm2-135m --rho 0.05 --steps 20 --max-length 256
     torchrun --nproc_per_node 2 examples/sft_sam.py              # DDP, as any Trainer script
 
 The chats are GSM8K problems and their worked solutions as user/assistant "messages" (the copy
@@ -24,7 +24,7 @@ import common
 import data
 from trainer import SAMMixin
 
-LR = {"tiny": 1e-3}         # a random 2-layer model needs a large step to show learning in 20 steps
+LR = {"tiny": 2e-3}         # a random 2-layer model needs a large step to show learning in 10 steps
 DEFAULT_LR = 2e-5
 
 
@@ -61,13 +61,13 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a folder or a hub name")
     p.add_argument("--out", default="runs/sft_sam")
-    p.add_argument("--examples", type=int, default=64, help="GSM8K chats to train on")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--examples", type=int, default=40, help="GSM8K chats to train on")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps")
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=None, help=f"default {LR} else {DEFAULT_LR}")
-    p.add_argument("--batch-size", type=int, default=4, help="per device and micro-batch")
+    p.add_argument("--batch-size", type=int, default=2, help="per device and micro-batch")
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -75,6 +75,16 @@ def test_interval_takes_plain_steps_between(tmp_path):
     assert len([h for h in trainer.state.log_history if "loss_perturbed" in h]) == 2
 
 
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    data = examples(12)         # 3 steps with sam_interval=2: SAM, plain, SAM
+    whole, _ = train(tmp_path / "whole", data, max_steps=3, sam_interval=2, save_strategy="steps", save_steps=1)
+    resumed = SAMTrainer(model=tiny_model(seed=5), args=training_args(tmp_path / "whole", max_steps=3),
+                         train_dataset=data, rho=RHO, sam_interval=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-1"))
+    assert resumed.sam.steps == 3
+    assert max_diff(resumed.model, whole.model) < 1e-7
+
+
 def _fp16_trainer(tmp_path, data, max_grad_norm, inf_at=None):
     """A SAMTrainer with fp16 as accelerate sets it up on CUDA (GradScaler, fp16 autocast), here on
     CPU, where accelerate leaves fp16 off. inf_at: the backward call (1-based) made infinite."""
