@@ -5,6 +5,8 @@
         --limit 4 --train-limit 16 --heldout 8 --max-len 64 --batch-size 8 --micro-batch-size 4
     python calibrate.py --show results/calibration.json  # "DATA LR EPOCHS" of the choice
     python calibrate.py ... -- --grad-clip 0             # arguments after -- go to every finetune.py call
+      (run_all.sh passes -- --eval-every K --general-text OUT/general_text.jsonl, so the chosen candidate's
+      run, the study's first AdamW run, logs its learning-forgetting trajectory)
 
 Why: at 135M parameters, fine-tuning on math made the model slightly better at the general tasks, and
 no forgetting means nothing for SAM to reduce. So the study first looks for a stage-2
@@ -39,8 +41,8 @@ import common
 import study
 
 SMOL_CANDIDATES = ("mt-mbpp-haskell:1e-4:2", "mt-mbpp-haskell:1e-3:2", "jeopardy:1e-3:2", "rot13:1e-3:2")
-SMOL_TASKS, SMOL_LIMIT = ("paper", "arc_easy", "piqa"), ("20", "hellaswag=40", "arc_easy=150", "piqa=150",
-                                                          "copa=100")
+SMOL_TASKS = ("paper", "arc_easy", "piqa", "sciq")   # run_all.sh's smol panel (study.py: above chance)
+SMOL_LIMIT = ("10", "hellaswag=40", "arc_easy=80", "piqa=80", "copa=60", "sciq=80")
 
 
 class Runner:
@@ -66,7 +68,7 @@ class Runner:
 
 def main(model: str = "smollm2-135m", out: str = "results", candidates: list = SMOL_CANDIDATES,
          tasks: list = SMOL_TASKS, limit: int | list | None = SMOL_LIMIT, dtype: str = "fp32",
-         max_len: int = 256, train_limit: int | None = 64, heldout: int = 32, batch_size: int = 8,
+         max_len: int = 256, train_limit: int | None = 32, heldout: int = 32, batch_size: int = 8,
          micro_batch_size: int = 8,
          precision: str = "auto", seed: int = 0, metric: str = "p", run_all: bool = False,
          launch: str | None = None, finetune_args: list = ()) -> dict:
@@ -158,7 +160,7 @@ if __name__ == "__main__":
                    help="evaluation items per task (0: all), and TASK=N for one task's (evaluate.py --limit)")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="evaluation dtype (bf16 needs AMX)")
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--train-limit", type=int, default=64, help="training items per candidate (0: all)")
+    p.add_argument("--train-limit", type=int, default=32, help="training items per candidate (0: all)")
     p.add_argument("--heldout", type=int, default=32, help="held-out items of the stage-2 data")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=8)

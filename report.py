@@ -30,14 +30,23 @@ def pm(d, digits=3):
 
 
 def score_cell(m, st, c):
-    """Category score (or AVG) in % with its change against the stage-1 model."""
+    """Category score (or AVG) in %, with the paired change against the stage-1 model ± SE and its item
+    count n; a change smaller than its SE is marked as such."""
     if not m["present"]:
         return "missing"
     v = m["avg"] if c == "AVG" else m["cats"][c]
     if v is None:
         return "unavailable"
+    n = m["avg_n"] if c == "AVG" else m["cat_n"][c]
     ref = (st["avg"] if c == "AVG" else st["cats"][c]) if st["present"] else None
-    return pct(v) if m is st or ref is None else f"{pct(v)} ({100 * (v - ref):+.2f})"
+    if m is st or ref is None:
+        return f"{pct(v)} (n {n})"
+    d = (m.get("avg_delta") if c == "AVG" else m.get("cat_delta", {}).get(c)) or {}
+    if d.get("mean") is None:
+        return f"{pct(v)} ({100 * (v - ref):+.2f}, n {n})"
+    se = d.get("se")
+    weak = ", SE > change" if se is not None and se > abs(d["mean"]) else ""
+    return f"{pct(v)} ({100 * d['mean']:+.2f}" + (f" ± {100 * se:.2f}" if se is not None else "") + f", n {n}{weak})"
 
 
 def task_cell(m, st, task):
@@ -55,29 +64,21 @@ def score_rows(rows, st, extra=()):
             + "".join(f" | {'reference' if m is st else f(m)}" for f in extra) + " |" for label, m in rows]
 
 
-def table_1(s, M):
+def table_1(s, M, flat):
     """Flatness (landscape.py) beside forgetting for stage 1 and the stage-2 models of increasing distance."""
     st = M["stage1"]
-    rows = [("stage 1", "stage1", st)] + [(f"→ {dtag(d)} (AdamW)", n, M[n]) for d, n in s.names["distance"].items()]
-    out, pts = ["| model | SC | AG | MAG | MMLU (DK) | general Δ" + s.metric + " ± SE |", "|---" * 6 + "|"], []
-    for label, n, m in rows:
-        lm = read_json(Path(s.out) / "landscape" / n / "metrics.json")
-        vals = [lm[k] * lm.get("percent_scale", 100.0) if lm else None for k in ("sc", "ag", "mag")]
-        g = (m.get("general") or {}).get("mean")
-        pts.append((vals, 0.0 if m is st else None if g is None else -g))
+    out = ["| model | SC | AG | MAG | MMLU (DK) | general Δ" + s.metric + " ± SE |", "|---" * 6 + "|"]
+    for label, n, vals in flat["rows"]:
+        m = M[n]
         out.append(f"| {label} | " + " | ".join("missing" if v is None else f"{v:.2f}" for v in vals)
                    + f" | {score_cell(m, st, 'DK')} | {'reference' if m is st else pm(m.get('general'))} |")
-    ok = [(v, f) for v, f in pts if f is not None and None not in v]
-    rho = {k: spearman([v[i] for v, _ in ok], [f for _, f in ok]) for i, k in enumerate(("SC", "AG", "MAG"))}
-    dist = [(i, f) for i, (_, f) in enumerate(pts) if f is not None]
-    rho["distance"] = spearman([i for i, _ in dist], [f for _, f in dist])
     r = lambda x: "n/a (fewer than 3 models)" if x is None else f"{x:+.2f}"
     out += ["", f"SC, AG, MAG: landscape.py's flatness metrics x 100 (lower = flatter) of the loss on "
             f"{s.landscape_data}, the stand-in for the old data. Spearman rank correlation with forgetting "
-            f"(= -general Δ{s.metric}, stage 1 = 0) over the {len(ok)} models with all values: SC {r(rho['SC'])}, "
-            f"AG {r(rho['AG'])}, MAG {r(rho['MAG'])}; task distance (row order) vs forgetting over {len(dist)} "
-            f"models: {r(rho['distance'])}. So few models make a rank correlation weak evidence."]
-    return out, rho
+            f"(= -general Δ{s.metric}, stage 1 = 0) over the {flat['n']} models with all values: SC {r(flat['SC'])}, "
+            f"AG {r(flat['AG'])}, MAG {r(flat['MAG'])}; task distance (row order) vs forgetting over "
+            f"{flat['n_distance']} models: {r(flat['distance'])}. So few models make a rank correlation weak evidence."]
+    return out
 
 
 def table_2(s, M):
@@ -120,13 +121,15 @@ def table_4(s, M):
 def table_learning(s, M):
     """In-domain gain next to general change for every stage-2 model of the study."""
     out = [f"| model | held-out loss (stage 1 → model) | in-domain gain ± SE | general Δ{s.metric} ± SE | "
-           "Δ AVG % (paired SE) |", "|---" * 5 + "|"]
+           "Δ AVG % (paired SE) | general-text NLL rise ± SE | displacement |", "|---" * 7 + "|"]
     for n in s.order:
         m = M[n]
         loss = f"{m['heldout_loss_stage1']:.3f} → {m['heldout_loss']:.3f}" \
             if "heldout_loss_stage1" in m and "heldout_loss" in m else "missing"
         avg = {k: 100 * v for k, v in (m.get("avg_delta") or {}).items() if isinstance(v, float)}
-        out.append(f"| {n} | {loss} | {pm(m.get('gain'))} | {pm(m.get('general'))} | {pm(avg, 2)} |")
+        disp = "missing" if m.get("displacement") is None else f"{m['displacement']:.4f}"
+        out.append(f"| {n} | {loss} | {pm(m.get('gain'))} | {pm(m.get('general'))} | {pm(avg, 2)} | "
+                   f"{pm(m.get('forget_nll'))} | {disp} |")
     return out
 
 
@@ -141,7 +144,9 @@ def table_seeds(s, M):
     out.append("")
     for lab, key, fmt in ((f"general Δ{s.metric}", lambda m: (m.get("general") or {}).get("mean"), "{:+.3f}"),
                           ("in-domain gain", lambda m: (m.get("gain") or {}).get("mean"), "{:+.3f}"),
-                          ("AVG (%)", lambda m: None if m.get("avg") is None else 100 * m["avg"], "{:.2f}")):
+                          ("AVG (%)", lambda m: None if m.get("avg") is None else 100 * m["avg"], "{:.2f}"),
+                          ("general-text NLL rise (end of the trajectory)",
+                           lambda m: (m.get("forget_nll") or {}).get("mean"), "{:+.3f}")):
         sp = [spread([key(M[n]) for n in N[k].values() if key(M[n]) is not None], fmt) for k in ("adamw", "sam")]
         out.append(f"- {lab}, mean ± std over seeds: AdamW {sp[0]}, SAM {sp[1]}")
     return out
@@ -164,21 +169,56 @@ def table_sam(s, M):
                   "rise is rho x grad norm, so rho ≈ (wanted rise) / (grad norm in the AdamW log)."]
 
 
-def render(s, M, verdict_text, why_rho, cal_md):
-    t1, rho_t1 = table_1(s, M)
+def table_frontier(s, F):
+    """Every comparison at matched learning: forgetting (general NLL rise, KL) minus the reference's at the
+    same held-out loss, paired per passage, ± SE over seeds and passages."""
+    out = ["| comparison | at held-out loss | forgetting (NLL rise): run / reference | difference ± SE | "
+           "KL difference ± SE | seeds |", "|---" * 6 + "|"]
+    for r in F["rows"]:
+        n, k = r["nll"], r["kl"]
+        parts = [p for p in n["parts"] if p["mean"] is not None]
+        at = ", ".join(f"{p['at']:.3f}" for p in parts) or "-"
+        rises = "; ".join(f"{p['own']:+.3f} / {p['ref']:+.3f}" for p in parts) or "-"
+        diff, kl = (pm(n), pm(k)) if n.get("mean") is not None else (f"not reached ({n.get('why')})", "-")
+        out.append(f"| {r['label']} (reference: {r['ref']}) | {at} | {rises} | {diff} | {kl} | {n.get('k', 0)} |")
+    return out + ["", "Forgetting = rise of the mean per-token NLL on the general text (one value per passage, "
+                  "paired) over the stage-1 model; the reference's is interpolated along its trajectory (or the "
+                  "Wise-FT curve) where its held-out loss equals the run's. Negative = the run forgets less at "
+                  "the same learning. KL = mean per-token KL(stage 1 || model) on the same text."]
+
+
+def frontier_section(s, F, flat, M):
+    text, outcomes = study.claims(s, F, M, flat)
+    body = ["## The learning-forgetting frontier", "", "![frontier](figures/frontier.png)", "",
+            "Each line is a run along its trajectory (finetune.py --eval-every): x = held-out loss on the new "
+            "task, y = forgetting; the Wise-FT curve interpolates the stage-1 model and the first AdamW run "
+            "(alpha 0 → 1); end points carry ± SE over passages.", "",
+            "**The paper's claims, at matched learning:**", "", text, ""] + table_frontier(s, F)
+    if not F["runs"]:
+        body[2] = "No trajectory.jsonl: the fine-tunes ran without --eval-every, so there is no frontier."
+    body += ["", "## Displacement", "", "![displacement](figures/displacement.png)", "",
+             study.displacement_sentence(F)]
+    return body, outcomes
+
+
+def render(s, M, F, flat, verdict_text, why_rho, cal_md):
+    frontier, outcomes = frontier_section(s, F, flat, M)
     head = [f"# flattune study report (PROFILE={s.profile})", "",
             f"Stage-1 model: {s.model}" + (f" (stage 1 trained: {s.stage1})" if s.stage1 != s.model else "")
             + f". Stage 2: {s.data} at lr {s.lr}, AdamW {s.epochs} epochs vs SAM {int(s.epochs) // 2} epoch(s), "
-            f"equal gradient computations; SAM radius {s.best_rho} ({why_rho}). Seeds: {' '.join(s.seeds)}.", "",
-            f"**Verdict.** {verdict_text}", "",
-            "Scores in % (evaluate.py's task metrics; category = mean of its tasks, AVG = mean of the categories "
-            "available) with the change against the stage-1 model in brackets. General Δ" + s.metric + ": paired "
-            f"per-item change of the {METRIC_TEXT[s.metric][0]}, mean over the tasks below ± SE, "
-            f"{METRIC_TEXT[s.metric][1]}. In-domain gain: paired fall of the held-out loss on the stage-2 data, "
-            "nats/token. "
-            "'missing' = a result file is absent; 'unavailable' = the tasks have no offline copy.", "",
-            study.ability_text(M["stage1"].get("items") or []), ""]
-    body = (["## Table 1: flatness of the landscape vs forgetting", ""] + t1 + [""] + table_2(s, M)
+            f"equal gradient computations; SAM radius {s.best_rho} ({why_rho}). Seeds: {' '.join(s.seeds)}.", ""]
+    tables = ["## The paper's tables", "",
+              f"**Verdict at equal compute, multiple choice.** {verdict_text}", "",
+              "Scores in % (evaluate.py's task metrics; category = mean of its tasks, AVG = mean of the categories "
+              "available) with the paired change against the stage-1 model ± its SE and the number of items n in "
+              "brackets; '(SE > change)' marks a change smaller than its standard error, which is not a result. "
+              "General Δ" + s.metric + ": paired "
+              f"per-item change of the {METRIC_TEXT[s.metric][0]}, mean over the tasks below ± SE, "
+              f"{METRIC_TEXT[s.metric][1]}. In-domain gain: paired fall of the held-out loss on the stage-2 data, "
+              "nats/token. "
+              "'missing' = a result file is absent; 'unavailable' = the tasks have no offline copy.", "",
+              study.ability_text(M["stage1"].get("items") or []), ""]
+    body = (["## Table 1: flatness of the landscape vs forgetting", ""] + table_1(s, M, flat) + [""] + table_2(s, M)
             + ["", "## Table 4: in-domain benchmarks", ""] + table_4(s, M)
             + ["", "## Learning vs forgetting", ""] + table_learning(s, M) + ["", "![trade-off](figures/tradeoff.png)"]
             + ["", f"## Seeds: AdamW vs SAM (rho {s.best_rho})", ""] + table_seeds(s, M)
@@ -186,7 +226,7 @@ def render(s, M, verdict_text, why_rho, cal_md):
             + ["", "## Figures", "", "![landscapes](figures/landscape.png)", "",
                "![categories](figures/categories.png)", "", "## Calibration of the stage-2 setting", "",
                cal_md or f"missing (no calibration.md: the stage-2 setting was given: {s.data}, lr {s.lr})."])
-    return "\n".join(head + body) + "\n", rho_t1
+    return "\n".join(head + frontier + [""] + tables + body) + "\n", outcomes
 
 
 def spread(vs, fmt="{:+.3f}"):
@@ -197,6 +237,91 @@ def spread(vs, fmt="{:+.3f}"):
 
 
 # ----------------------------------------------------------------------------- figures
+
+def _style(r, rhos):
+    """Colour and marker of a run on the frontier, from its recorded parameters (rhos: the SAM radii, sorted)."""
+    p = r["params"] or {}
+    if p.get("lora"):
+        return ("C4" if p.get("sam") else "C9"), "P"
+    if p.get("rehearsal"):
+        return ("C5" if p.get("sam") else "C8"), "v"
+    if p.get("sam"):
+        return ("C3", "C1", "C6", "C2", "C7")[rhos.index(p["rho"]) % 5], "D"
+    return "C0", "s"
+
+
+def _rhos(F):
+    return sorted({r["params"]["rho"] for r in F["runs"].values() if (r["params"] or {}).get("sam")})
+
+
+def fig_frontier(s, F, path):
+    """x = held-out loss, y = forgetting (panel 1: general NLL rise; panel 2: KL to the stage-1 model): one
+    line per run along its trajectory, the Wise-FT curve over alpha, end points with SE bars."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    start = F["start"]
+    for ax, (field, key, ylab) in zip(axes, (("general_nll_passages", "forget", "general-text NLL rise (nats/token)"),
+                                             ("kl_passages", "kl", "KL(stage 1 || model) on the general text"))):
+        seen = set()
+        for r in F["runs"].values():
+            pts = r["points"]
+            color, marker = _style(r, _rhos(F))
+            y0 = sum(pts[0][field]) / len(pts[0][field])
+            xs = [p["heldout_loss"] for p in pts]
+            ys = [sum(p[field]) / len(p[field]) - y0 for p in pts]
+            label = r["label"].split(" (seed")[0]
+            ax.plot(xs, ys, "-o", color=color, lw=1, ms=2.5, alpha=0.7, label=None if label in seen else label)
+            seen.add(label)
+            ax.errorbar(xs[-1], ys[-1], yerr=r[key]["se"] or 0, fmt=marker, color=color, capsize=3)
+        if F["wiseft"] and start:
+            y0 = sum(start[field]) / len(start[field])
+            xs = [p["heldout_loss"] for p in F["wiseft"]]
+            ys = [sum(p[field]) / len(p[field]) - y0 for p in F["wiseft"]]
+            ax.plot(xs, ys, "k--", marker="o", ms=4, label="Wise-FT of AdamW (alpha 0 → 1)")
+            for p, x, y in zip(F["wiseft"], xs, ys):
+                ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            sw = F["sam_wiseft"]
+            if sw:
+                ax.errorbar(sw["heldout_loss"], sum(sw[field]) / len(sw[field]) - y0, yerr=sw[key]["se"] or 0,
+                            fmt="*", color="k", ms=9, capsize=3, label="Wise-FT of SAM")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set(xlabel=f"held-out loss on {dtag(s.data)} (nats/token; learning →)", ylabel=ylab)
+        ax.invert_xaxis()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_title("learning vs forgetting along training")
+    axes[1].set_title("the same, measured as KL to the start")
+    common.save_png(fig, path)
+
+
+def fig_displacement(s, F, path):
+    """General NLL rise against relative weight displacement, every run's every point, and the fit."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    seen = set()
+    for r in F["runs"].values():
+        pts = [p for p in r["points"] if p.get("displacement") is not None]
+        if not pts:
+            continue
+        color, marker = _style(r, _rhos(F))
+        y0 = sum(r["points"][0]["general_nll_passages"]) / len(r["points"][0]["general_nll_passages"])
+        label = r["label"].split(" (seed")[0]
+        ax.plot([p["displacement"] for p in pts], [sum(p["general_nll_passages"]) / len(p["general_nll_passages"]) - y0
+                                                   for p in pts], "-" + marker, color=color, ms=4, lw=1,
+                label=None if label in seen else label)
+        seen.add(label)
+    fit = F["displacement"]["fit"]
+    if fit["slope"] is not None:
+        xs = [0, max(p["displacement"] for r in F["runs"].values() for p in r["points"]
+                     if p.get("displacement") is not None)]
+        ax.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], "k:", label=f"least squares, R² {fit['r2']:.2f}"
+                if fit["r2"] is not None else "least squares")
+    ax.set(xlabel="displacement ||w - w0|| / ||w0||", ylabel="general-text NLL rise (nats/token)",
+           title="forgetting vs how far the weights moved")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    common.save_png(fig, path)
+
 
 def fig_tradeoff(s, M, path):
     """In-domain gain vs general change, one point per method/setting (SE bars), the rho sweep as a line."""
@@ -280,16 +405,30 @@ def main(out: str = "results", **given) -> str:
     s.best_rho, why = study.best_rho(s)
     M = study.measure_study(s)
     text, info = study.verdict(s, M)
+    F, flat = study.frontier(s), study.flatness(s, M)
+    for n, r in F["every"].items():           # the trajectory's end beside the multiple-choice numbers
+        if n in M:
+            M[n].update(forget_nll=r["forget"], displacement=r["points"][-1].get("displacement"))
+    for p in F["wiseft"] + [F["sam_wiseft"] or {}]:   # and a Wise-FT model's probe.py point
+        if p.get("name") in M:
+            M[p["name"]].update(forget_nll=p["forget"], displacement=p.get("displacement"))
     cal = outp / "calibration.md"
-    md, rho_t1 = render(s, M, text, why, cal.read_text() if cal.is_file() else None)
+    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None)
+    fig_frontier(s, F, outp / "figures" / "frontier.png")
+    fig_displacement(s, F, outp / "figures" / "displacement.png")
     fig_tradeoff(s, M, outp / "figures" / "tradeoff.png")
     fig_categories(s, M, outp / "figures" / "categories.png")
     if not fig_landscape(s, outp / "figures" / "landscape.png"):
         md = md.replace("![landscapes](figures/landscape.png)", "Landscapes: missing (no surface.npz yet).")
     common.write_text(outp / "REPORT.md", md)
     strip = lambda m: {k: v for k, v in m.items() if k != "items"}
+    runs = {n: {k: v for k, v in r.items() if k != "points"} for n, r in F["every"].items()}
     common.write_json(outp / "report.json", {"settings": s.conf, "best_rho": s.best_rho, "best_rho_why": why,
-                                             "verdict": text, "verdict_numbers": info, "spearman": rho_t1,
+                                             "claims": outcomes, "verdict": text, "verdict_numbers": info,
+                                             "spearman": {k: flat[k] for k in ("SC", "AG", "MAG", "distance")},
+                                             "frontier": {"rows": F["rows"], "endpoint": F["endpoint"],
+                                                          "displacement": F["displacement"], "runs": runs,
+                                                          "wiseft": F["wiseft"]},
                                              "models": {n: strip(m) for n, m in M.items()},
                                              "sizes": {k: [strip(m) for m in v] for k, v in s.sizes.items()}})
     common.write_json(outp / "report_args.json", s.conf)

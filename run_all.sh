@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole study in one command: stage-1 model -> stage-2 fine-tunes (AdamW vs SAM at equal compute,
-# a rho sweep, seeds, Wise-FT, rehearsal, data sets of increasing distance) -> evaluations -> loss
-# landscapes -> $OUT/REPORT.md, every number read from the files the steps wrote.
+# The whole study in one command: stage-1 model -> general text set -> stage-2 fine-tunes that log their
+# learning-forgetting trajectory (AdamW vs SAM at equal compute, a rho sweep, seeds, rehearsal, LoRA, data
+# sets of increasing distance) -> the Wise-FT curve (probe.py) -> evaluations -> loss landscapes ->
+# $OUT/REPORT.md, every number read from the files the steps wrote (study.py measures, report.py renders).
 #
 #   bash run_all.sh                           # PROFILE=smol: SmolLM2-135M-Instruct, offline, 2-core CPU -> results/
 #   PROFILE=tiny bash run_all.sh              # the same steps and report on the 2-layer `tiny` model -> results-tiny/
@@ -25,23 +26,31 @@ case $PROFILE in
     : "${DTYPE:=fp32}" "${PRECISION:=fp32}" "${TRAIN_LIMIT:=16}" "${HELDOUT:=8}" "${MAX_LEN:=128}"
     : "${BATCH:=8}" "${MICRO:=4}" "${CANDIDATES:=jeopardy:1e-3:2}" "${RHOS:=0.05 2}"
     : "${SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=gsm8k}" "${LS_STEPS:=3}" "${LS_BATCHES:=1}"
-    : "${LS_BATCH_SIZE:=2}" "${COSTS:=20 15 10 15 8}" ;;
+    : "${LS_BATCH_SIZE:=2}" "${EVAL_EVERY:=1}" "${GENERAL_N:=8}" "${LORA:=4}" "${DP_EVAL:=all}"
+    : "${WISEFT_ALPHAS:=0 0.5 1}"
+    : "${COSTS:=20 15 10 15 8 8}" ;;
   smol|smol-full)
     # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
-    : "${MODEL:=smollm2-135m}" "${TASKS:=paper arc_easy piqa}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
+    : "${MODEL:=smollm2-135m}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
     : "${MAX_LEN:=256}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then  # 59m31s measured on a quiet 2-core CPU in fp32
-      # 20 items of the tasks SmolLM2-135M is at chance on, more of those it can do (the general change)
-      : "${LIMIT:=20 hellaswag=40 arc_easy=150 piqa=150 copa=100}" "${TRAIN_LIMIT:=64}" "${BATCH:=8}"
-      : "${HELDOUT:=32}" "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02 0.1 2}" "${SEEDS:=0 1}" "${OTHER_DATA:=}"
-      : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=2}" "${COSTS:=210 120 20 80 8}"
+    if [[ $PROFILE == smol ]]; then  # sized for 45 min on a quiet 2-core CPU in fp32 (estimated from per-step costs)
+      # 10 items of the tasks SmolLM2-135M is at chance on (the paper's categories, marked as noise), the
+      # multiple-choice budget on those it can do (HellaSwag, ARC-Easy, PIQA, COPA, SciQ; CSQA, WinoGrande,
+      # SST-2, MRPC, CB and MedMCQA measured at or near chance); forgetting along training: 32 passages, a
+      # point every 2 of the 8 AdamW steps; Wise-FT's alpha 0 and 1 are the trajectory's ends
+      : "${TASKS:=paper arc_easy piqa sciq}"
+      : "${LIMIT:=10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80}" "${TRAIN_LIMIT:=32}" "${BATCH:=8}"
+      : "${HELDOUT:=32}" "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=}"
+      : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=2}" "${GENERAL_N:=32}"
+      : "${LORA:=}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}" "${COSTS:=175 85 20 60 15 30}"
     else
-      : "${LIMIT:=100 arc_easy=300 piqa=300 copa=0}" "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}"
+      : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
+      : "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
       : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 mt-mbpp-haskell:1e-3:2 jeopardy:1e-3:2 rot13:1e-3:2}"
       : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=jeopardy gsm8k}"
       : "${DISTANCE_NEAR:=naturalqs gsm8k mt-mbpp-haskell}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
-      : "${COSTS:=420 300 30 300 15}"
+      : "${COSTS:=600 300 30 300 15 40}"
     fi ;;
   paper)
     : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${STAGE1_DATA:=alpaca}" "${STAGE1_ARGS:=--epochs 3 --lr 2e-5}"
@@ -51,7 +60,7 @@ case $PROFILE in
     : "${STAGE2_LR:=5e-6}" "${CALIBRATE:=0}" "${RHOS:=2}" "${SEEDS:=1}" "${OTHER_DATA:=sharegpt metamath}"
     : "${DISTANCE_DATA:=open-platypus auto-wiki}" "${REHEARSAL_DATA:=alpaca}" "${REHEARSAL_RATIO:=0.1}"
     : "${LANDSCAPE_DATA:=alpaca}" "${LS_STEPS:=21}" "${LS_BATCHES:=32}" "${LS_BATCH_SIZE:=4}"
-    : "${NPROC:=16}" "${COSTS:=7200 1800 120 3600 300}" ;;
+    : "${NPROC:=16}" "${EVAL_EVERY:=50}" "${GENERAL_N:=512}" "${COSTS:=7200 1800 120 3600 300 120}" ;;
   *) echo "run_all.sh: error: unknown PROFILE=$PROFILE; use smol, tiny, smol-full or paper." >&2; exit 2 ;;
 esac
 # settings shared by the profiles (each overridable)
@@ -61,6 +70,9 @@ esac
 : "${CALIBRATE:=$([[ -n $STAGE2_DATA ]] && echo 0 || echo 1)}" "${CANDIDATES:=}" "${DISTANCE_NEAR:=}"
 : "${DISTANCE_DATA:=}" "${REHEARSAL_DATA:=naturalqs}" "${REHEARSAL_RATIO:=0.25}" "${WISEFT_ALPHA:=0.5}"
 : "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=0.1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
+: "${WISEFT_ALPHAS:=0 0.25 0.5 0.75 1}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=}" "${DP_EVAL:=all}"
+[[ $DP_EVAL == all || $DP_EVAL == key ]] || { echo "run_all.sh: error: DP_EVAL=$DP_EVAL; use all (every \
+model gets the multiple-choice evaluation) or key (the first seed's models of the tables)." >&2; exit 2; }
 [[ $LIMIT != 0 && $LIMIT != all ]] || LIMIT=              # 0 or all: every item
 [[ $TRAIN_LIMIT != 0 && $TRAIN_LIMIT != all ]] || TRAIN_LIMIT=
 if [[ $SEEDS =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then  # one number N: N seeds, 0 .. N-1
@@ -71,7 +83,8 @@ fi
 if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 fi
-read -r C_FT C_EVAL C_HELD C_LS C_WISEFT <<<"$COSTS"   # rough seconds per step, for the time left
+read -r C_FT C_EVAL C_HELD C_LS C_WISEFT C_PROBE <<<"$COSTS"   # rough seconds per step, for the time left
+C_PROBE=${C_PROBE:-$C_WISEFT}
 (( STAGE2_EPOCHS % 2 == 0 && STAGE2_EPOCHS > 0 )) || {
   echo "run_all.sh: error: STAGE2_EPOCHS=$STAGE2_EPOCHS must be even (SAM runs half as many epochs)." >&2; exit 2; }
 EXTRA=("$@")
@@ -82,6 +95,8 @@ else
 fi
 TRAIN=(--batch-size "$BATCH" --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --heldout "$HELDOUT"
        --precision "$PRECISION" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
+GENERAL=$OUT/general_text.jsonl       # the old-knowledge text every trajectory point and probe measures
+TRAJ=(--eval-every "$EVAL_EVERY" --general-text "$GENERAL")
 read -ra TASK_LIST <<<"$TASKS"
 read -ra LIMITS <<<"$LIMIT"            # "40 arc_easy=150": 40 items per task, 150 of arc_easy
 EVAL=(--tasks "${TASK_LIST[@]}" ${LIMIT:+--limit "${LIMITS[@]}"} --dtype "$DTYPE" --max-len "$MAX_LEN")
@@ -95,7 +110,7 @@ say() { echo "[run_all $(fmt $((SECONDS - START)))] $*"; }
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 dtag() { local b=${1%/}; b=${b##*/}; b=${b%.jsonl}; echo "${b%.json}"; }   # data set -> name part
 where() { local r=${1#"$OUT"}; echo "${r:+${r#/}/}"; }   # ROOT -> "" or "sizes/<model>/" (for labels)
-# DATA LR EPOCHS METHOD SEED [rh] -> the folder name study.run_name gives (tests/test_run_all.py checks it)
+# DATA LR EPOCHS METHOD SEED [rh|lora<r>] -> the folder name study.run_name gives (tests/test_run_all.py checks it)
 run_name() { echo "$(dtag "$1")_lr$2_e$3_$4${6:+_$6}_s$5"; }
 
 # step COST DONE LABEL CMD...: run CMD unless DONE exists. The plan pass only counts (and, with
@@ -141,29 +156,48 @@ evaluate() {  # evaluate ROOT NAME MODEL HELDOUT_FILE: general tasks + held-out 
     "${EVAL[@]}" --heldout "$4" --baseline "$1/evals/stage1" --out "$1/evals/$2"
 }
 
-stage2() {  # stage2 ROOT DATA adamw|sam<rho> SEED [rh]: one fine-tune of STAGE1, then its evaluations
-  local root=$1 data=$2 method=$3 seed=$4 rh=${5:-} epochs=$STAGE2_EPOCHS opt=()
+# stage2 ROOT DATA adamw|sam<rho> SEED [rh|lora<r>] [key]: one fine-tune of STAGE1 logging its trajectory,
+# then its evaluations: the multiple-choice one when DP_EVAL=all or the run is `key` (a table needs its Δp),
+# else the held-out loss only (heldout/<name>: the in-domain gain)
+stage2() {
+  local root=$1 data=$2 method=$3 seed=$4 tag=${5:-} key=${6:-} epochs=$STAGE2_EPOCHS opt=()
   if [[ $method == sam* ]]; then epochs=$((STAGE2_EPOCHS / 2)) opt=(--sam --rho "${method#sam}"); fi
-  [[ -z $rh ]] || opt+=(--rehearsal "$REHEARSAL_DATA" --rehearsal-ratio "$REHEARSAL_RATIO")
+  [[ $tag != rh ]] || opt+=(--rehearsal "$REHEARSAL_DATA" --rehearsal-ratio "$REHEARSAL_RATIO")
+  [[ $tag != lora* ]] || opt+=(--lora "${tag#lora}")
   local name run held
-  name=$(run_name "$data" "$STAGE2_LR" "$epochs" "$method" "$seed" "$rh")
+  name=$(run_name "$data" "$STAGE2_LR" "$epochs" "$method" "$seed" "$tag")
   run=$root/runs/$name held=$root/runs/$name/heldout.jsonl
   step "$C_FT" "$run/final.json" "finetune $(where "$root")$name" "${LAUNCH[@]}" finetune.py --model "$STAGE1" \
     --data "$data" --out "$run" "${opt[@]}" --epochs "$epochs" --lr "$STAGE2_LR" --seed "$seed" \
-    "${TRAIN[@]}" "${EXTRA[@]}"
+    "${TRAIN[@]}" "${TRAJ[@]}" "${EXTRA[@]}"
   local base=$root/evals/stage1_heldout_$(dtag "$data")
   step "$C_HELD" "$base/results.json" "held-out loss of $(where "$root")stage1 on $(dtag "$data")" "${LAUNCH[@]}" \
     evaluate.py --model "$STAGE1" --tasks none --heldout "$held" --dtype "$DTYPE" --max-len "$MAX_LEN" --out "$base"
-  evaluate "$root" "$name" "$run" "$held"
+  if [[ $DP_EVAL == all || -n $key ]]; then
+    evaluate "$root" "$name" "$run" "$held"
+  else
+    step "$C_HELD" "$root/heldout/$name/results.json" "held-out loss of $(where "$root")$name" "${LAUNCH[@]}" \
+      evaluate.py --model "$run" --tasks none --heldout "$held" --dtype "$DTYPE" --max-len "$MAX_LEN" \
+      --out "$root/heldout/$name"
+  fi
 }
 
-wiseft() {  # wiseft ROOT DATA METHOD: interpolate STAGE1 and the first-seed run, then evaluate
+probe() {  # probe ROOT NAME HELDOUT_FILE: probe.py's trajectory point of a model the study did not train
+  step "$C_PROBE" "$1/runs/$2/point.json" "probe $2" "${LAUNCH[@]}" probe.py "$1/runs/$2" --start "$STAGE1" \
+    --general-text "$GENERAL" --heldout "$3" --max-len "$MAX_LEN" --out "$1/runs/$2/point.json"
+}
+
+# wiseft ROOT DATA METHOD ALPHA [eval]: interpolate STAGE1 and the first-seed run, probe the point on the
+# frontier, and with `eval` run the multiple-choice evaluation (Table 2(c))
+wiseft() {
   local epochs=$STAGE2_EPOCHS
   [[ $3 != sam* ]] || epochs=$((STAGE2_EPOCHS / 2))
   local name; name=$(run_name "$2" "$STAGE2_LR" "$epochs" "$3" "$SEED0")
-  step "$C_WISEFT" "$1/runs/${name}_wiseft$WISEFT_ALPHA/wiseft.json" "wiseft $name" "$PYTHON" wiseft.py \
-    --base "$STAGE1" --finetuned "$1/runs/$name" --alpha "$WISEFT_ALPHA" --out "$1/runs/${name}_wiseft$WISEFT_ALPHA"
-  evaluate "$1" "${name}_wiseft$WISEFT_ALPHA" "$1/runs/${name}_wiseft$WISEFT_ALPHA" "$1/runs/$name/heldout.jsonl"
+  local out=$1/runs/${name}_wiseft$4
+  step "$C_WISEFT" "$out/wiseft.json" "wiseft $name alpha $4" "$PYTHON" wiseft.py --base "$STAGE1" \
+    --finetuned "$1/runs/$name" --alpha "$4" --out "$out"
+  probe "$1" "${name}_wiseft$4" "$1/runs/$name/heldout.jsonl"
+  [[ -z ${5:-} ]] || evaluate "$1" "${name}_wiseft$4" "$out" "$1/runs/$name/heldout.jsonl"
 }
 
 landscape() {  # landscape ROOT NAME MODEL: loss surface on the old-data stand-in, shared directions
@@ -185,7 +219,7 @@ calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py'
     "$PYTHON" calibrate.py --model "$STAGE1" --out "$OUT" --candidates $CANDIDATES --tasks "${TASK_LIST[@]}" \
     --limit "${LIMITS[@]:-0}" --dtype "$DTYPE" --max-len "$MAX_LEN" --train-limit "${TRAIN_LIMIT:-0}" \
     --heldout "$HELDOUT" --batch-size "$BATCH" --micro-batch-size "$MICRO" --precision "$PRECISION" \
-    --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${EXTRA[@]}"
+    --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${TRAJ[@]}" "${EXTRA[@]}"
   if [[ -f $OUT/calibration.json ]]; then
     read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" study.py calibration "$OUT/calibration.json")"
   else  # plan pass before calibration has run: names hold placeholders
@@ -209,34 +243,45 @@ best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly lea
 }
 
 study() {
-  local d
+  local d a
   stage1 "$MODEL" "$OUT"
   MAIN_STAGE1=$STAGE1
+  step "$C_HELD" "$GENERAL" "general text" "$PYTHON" data.py --general-text "$GENERAL" --model "$STAGE1" \
+    --n "$GENERAL_N"
   calibration
   DIST=${DISTANCE_DATA:-$DISTANCE_NEAR $STAGE2_DATA}
   REPORT=(--out "$OUT" --profile "$PROFILE" --model "$MODEL" --stage1 "$MAIN_STAGE1" --data "$STAGE2_DATA"
           --lr "$STAGE2_LR" --epochs "$STAGE2_EPOCHS" --other-data $OTHER_DATA --distance-data $DIST
           --rhos $RHOS --seeds $SEEDS --wiseft-alpha "$WISEFT_ALPHA" --rehearsal-data "$REHEARSAL_DATA"
-          --rehearsal-ratio "$REHEARSAL_RATIO" --landscape-data "$LANDSCAPE_DATA" --size-models $SIZE_MODELS)
+          --rehearsal-ratio "$REHEARSAL_RATIO" --landscape-data "$LANDSCAPE_DATA" --size-models $SIZE_MODELS
+          --wiseft-alphas $WISEFT_ALPHAS ${LORA:+--lora "$LORA"})
   step "$C_EVAL" "$OUT/evals/stage1/results.json" "evaluate stage1" "${LAUNCH[@]}" evaluate.py \
     --model "$STAGE1" "${EVAL[@]}" --out "$OUT/evals/stage1"
-  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0"
-  for rho in $RHOS; do stage2 "$OUT" "$STAGE2_DATA" "sam$rho" "$SEED0"; done
+  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "" key
+  for rho in $RHOS; do  # one radius: it is the study's, and a table needs its multiple-choice numbers
+    stage2 "$OUT" "$STAGE2_DATA" "sam$rho" "$SEED0" "" $([[ $RHOS == *" "* ]] || echo key)
+  done
   best_rho
-  for s in $SEEDS; do
+  local sam0; sam0=$(run_name "$STAGE2_DATA" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")
+  [[ $DP_EVAL == all ]] || evaluate "$OUT" "$sam0" "$OUT/runs/$sam0" "$OUT/runs/$sam0/heldout.jsonl"
+  for s in $SEEDS; do   # the first seed's runs are done above (evaluated in full): skipped here
+    [[ $s == "$SEED0" ]] && continue
     stage2 "$OUT" "$STAGE2_DATA" adamw "$s"
-    # plan pass: the best radius' first-seed run is one of the sweep's, already counted
-    [[ $BEST_RHO == BEST && $s == "$SEED0" ]] || stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s"
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s"
   done
-  wiseft "$OUT" "$STAGE2_DATA" adamw
-  wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO"
-  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh
-  stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh
+  for a in $WISEFT_ALPHAS; do wiseft "$OUT" "$STAGE2_DATA" adamw "$a" $([[ $a == "$WISEFT_ALPHA" ]] && echo eval); done
+  wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$WISEFT_ALPHA" eval
+  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh key
+  stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh key
+  if [[ -n $LORA ]]; then
+    stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "lora$LORA"
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "lora$LORA"
+  fi
   for d in $OTHER_DATA; do
-    stage2 "$OUT" "$d" adamw "$SEED0"
-    stage2 "$OUT" "$d" "sam$BEST_RHO" "$SEED0"
+    stage2 "$OUT" "$d" adamw "$SEED0" "" key
+    stage2 "$OUT" "$d" "sam$BEST_RHO" "$SEED0" "" key
   done
-  for d in $DIST; do stage2 "$OUT" "$d" adamw "$SEED0"; done
+  for d in $DIST; do stage2 "$OUT" "$d" adamw "$SEED0" "" key; done
   landscape "$OUT" stage1 "$STAGE1"
   for d in $DIST; do
     d=$(run_name "$d" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
@@ -247,8 +292,8 @@ study() {
     stage1 "$m" "$root"
     step "$C_EVAL" "$root/evals/stage1/results.json" "evaluate stage1 $(dtag "$m")" "${LAUNCH[@]}" \
       evaluate.py --model "$STAGE1" "${EVAL[@]}" --out "$root/evals/stage1"
-    stage2 "$root" "$STAGE2_DATA" adamw "$SEED0"
-    stage2 "$root" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0"
+    stage2 "$root" "$STAGE2_DATA" adamw "$SEED0" "" key
+    stage2 "$root" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "" key
   done
 }
 
@@ -258,7 +303,7 @@ settings() {  # what the files in $OUT depend on; a resumed study must match it
     "MAX_LEN=$MAX_LEN" "BATCH=$BATCH" "MICRO=$MICRO" "REHEARSAL_DATA=$REHEARSAL_DATA" \
     "REHEARSAL_RATIO=$REHEARSAL_RATIO" "LANDSCAPE_DATA=$LANDSCAPE_DATA" "LS_RANGE=$LS_RANGE" \
     "LS_STEPS=$LS_STEPS" "LS_BATCHES=$LS_BATCHES" "LS_BATCH_SIZE=$LS_BATCH_SIZE" "LS_DTYPE=$LS_DTYPE" \
-    "FINETUNE_ARGS=${EXTRA[*]}"
+    "EVAL_EVERY=$EVAL_EVERY" "GENERAL_N=$GENERAL_N" "FINETUNE_ARGS=${EXTRA[*]}"
 }
 
 START=$SECONDS

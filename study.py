@@ -1,24 +1,30 @@
 """The study's logic in one place: names of its models, reading what the steps wrote, the paired
 statistics, what each model measures, and the choices the study makes (the calibrated stage-2 setting,
-the SAM radius it continues with). report.py renders what this module computes; calibrate.py and
-run_all.sh call it for their decisions.
+the SAM radius it continues with, the verdict claim by claim). report.py renders what this module
+computes; calibrate.py and run_all.sh call it for their decisions.
 
     python study.py best-rho --out results      # the SAM radius the study continues with (settings from
                                                 # OUT/report_args.json, or give --data --lr --rhos ...)
     python study.py calibration results/calibration.json    # "DATA LR EPOCHS" of calibrate.py's choice
 
-Layout of a study folder OUT (run_all.sh writes it): runs/<name>/ (finetune.py: args.json, final.json,
-metrics.jsonl, heldout.jsonl; wiseft.py: wiseft.json), evals/<name>/{results.json,items.jsonl}
-(evaluate.py), landscape/<name>/ (landscape.py), calibration.json (calibrate.py). evals/stage1 is the
-stage-1 model, evals/stage1_heldout_<data> its held-out loss on a stage-2 data set. A name only locates
-files; a run's parameters (data, lr, rho, seed, ...) are read from its args.json (run_params).
+Layout of a study folder OUT (run_all.sh writes it): general_text.jsonl (data.py --general-text);
+runs/<name>/ (finetune.py: args.json, final.json, metrics.jsonl, heldout.jsonl, trajectory.jsonl;
+wiseft.py: wiseft.json; probe.py: point.json), evals/<name>/{results.json,items.jsonl} (evaluate.py:
+multiple choice and held-out loss), heldout/<name>/ (evaluate.py, held-out loss only), landscape/<name>/
+(landscape.py), calibration.json (calibrate.py). evals/stage1 is the stage-1 model, evals/stage1_heldout_
+<data> its held-out loss on a stage-2 data set. A name only locates files; a run's parameters (data, lr,
+rho, seed, rehearsal, lora, ...) are read from its args.json (run_params).
 
-Statistics. General ability = the paired per-item change of a metric (default p: the probability of the
-correct choice, softmax over the item's choices) against the stage-1 model: the mean over tasks of each
-task's mean change, SE = sqrt(sum_t var_t / n_t) / T (sample variances), over the tasks the stage-1 model
-is above chance on by more than ABILITY_Z binomial SE (every task when there are none). In-domain = the
+Statistics. General ability, multiple choice = the paired per-item change of a metric (default p: the
+probability of the correct choice, softmax over the item's choices) against the stage-1 model: the mean
+over tasks of each task's mean change, SE = sqrt(sum_t var_t / n_t) / T (sample variances), over the tasks
+the stage-1 model is above chance on by more than ABILITY_Z binomial SE (every task when there are none).
+General ability along training = the rise of the mean per-token NLL on the general text over the start,
+one value per passage, paired per passage (and KL to the stage-1 model, the same way). In-domain = the
 paired change of the per-item held-out loss (gain = stage-1 loss - model loss). Across seeds: mean, and
 SE = the larger of the pooled paired SE and std / sqrt(k). A difference is significant at Z = 2 SE.
+At matched learning (matched): a run's forgetting minus AdamW's, read off AdamW's trajectory by linear
+interpolation where its held-out loss equals the run's final one (never extrapolated).
 """
 import argparse
 import json
@@ -52,9 +58,9 @@ def dtag(data: str) -> str:
     return name.removesuffix(".jsonl").removesuffix(".json")
 
 
-def run_name(data, lr, epochs, method, seed, rehearsal=False) -> str:
-    """<data>_lr<lr>_e<epochs>_<adamw|sam<rho>>[_rh]_s<seed>; run_all.sh's run_name builds the same."""
-    return f"{dtag(data)}_lr{lr}_e{epochs}_{method}{'_rh' if rehearsal else ''}_s{seed}"
+def run_name(data, lr, epochs, method, seed, rehearsal=False, lora=None) -> str:
+    """<data>_lr<lr>_e<epochs>_<adamw|sam<rho>>[_rh][_lora<r>]_s<seed>; run_all.sh's run_name builds the same."""
+    return f"{dtag(data)}_lr{lr}_e{epochs}_{method}{'_rh' if rehearsal else ''}{f'_lora{lora}' if lora else ''}_s{seed}"
 
 
 def names(s) -> dict:
@@ -69,13 +75,16 @@ def names(s) -> dict:
             "rehearsal": [run_name(s.data, s.lr, e, "adamw", s0, True), run_name(s.data, s.lr, h, sam, s0, True)],
             "datasets": {d: (run_name(d, s.lr, e, "adamw", s0), run_name(d, s.lr, h, sam, s0))
                          for d in dict.fromkeys([s.data] + s.other_data)},
-            "distance": {d: run_name(d, s.lr, e, "adamw", s0) for d in dict.fromkeys(s.distance_data)}}
+            "distance": {d: run_name(d, s.lr, e, "adamw", s0) for d in dict.fromkeys(s.distance_data)},
+            "wiseft_curve": {a: run_name(s.data, s.lr, e, "adamw", s0) + f"_wiseft{a}" for a in s.wiseft_alphas},
+            "lora": [run_name(s.data, s.lr, e, "adamw", s0, lora=s.lora),
+                     run_name(s.data, s.lr, h, sam, s0, lora=s.lora)] if s.lora else []}
 
 
 SETTINGS = {"profile": "smol", "model": "smollm2-135m", "stage1": None, "data": None, "lr": None, "epochs": "2",
             "other_data": [], "distance_data": [], "rhos": ["2"], "seeds": ["0"], "wiseft_alpha": "0.5",
             "rehearsal_data": "naturalqs", "rehearsal_ratio": "0.25", "landscape_data": "naturalqs",
-            "size_models": [], "metric": "p"}
+            "size_models": [], "metric": "p", "wiseft_alphas": ["0", "0.25", "0.5", "0.75", "1"], "lora": None}
 
 
 def settings(out, **given) -> argparse.Namespace:
@@ -109,6 +118,8 @@ def add_settings_args(p: argparse.ArgumentParser):
     p.add_argument("--landscape-data")
     p.add_argument("--size-models", nargs="*", help="extra model sizes for Table 2(b) (under OUT/sizes/)")
     p.add_argument("--metric", choices=list(METRIC_TEXT), help="per-item general metric (default p)")
+    p.add_argument("--wiseft-alphas", nargs="*", help="the Wise-FT curve of the first AdamW run (probe.py points)")
+    p.add_argument("--lora", help="LoRA rank of the study's LoRA runs (none: no LoRA runs)")
 
 
 # ----------------------------------------------------------------------------- reading the files
@@ -306,16 +317,29 @@ def measure(root, name: str, metric: str = "p") -> dict:
     root = Path(root)
     ev = load_eval(root / "evals" / name)
     m = {"name": name, "present": ev is not None, "params": run_params(root, name) if name != "stage1" else None}
-    if ev is None:
-        return m
+    if ev is None:   # no multiple-choice evaluation (DP_EVAL=key): the held-out-only one still gives the gain
+        held = load_eval(root / "heldout" / name)
+        return _gain(root, m, held["items"], held["results"]) if held else m
     r, items = ev["results"], ev["items"]
     m.update(cats={c: (r["categories"].get(c) or {}).get("score") for c in CATS}, avg=r["avg"]["score"],
              tasks={t: v["score"] for t, v in r["tasks"].items()}, unavailable=r.get("unavailable", {}),
-             avg_delta=((r.get("delta") or {}).get("avg") or {}).get("score"))
+             avg_delta=((r.get("delta") or {}).get("avg") or {}).get("score"),
+             cat_delta={c: (((r.get("delta") or {}).get("categories") or {}).get(c) or {}).get("score") for c in CATS},
+             cat_n={c: sum(r["tasks"].get(t, {}).get("n", 0) for t in (r["categories"].get(c) or {}).get("tasks", []))
+                    for c in CATS})
+    m["avg_n"] = sum(m["cat_n"][c] for c in (r["avg"].get("categories") or CATS))
     base = load_eval(root / "evals" / "stage1") if name != "stage1" else None
     if base:
         m["general_tasks"] = general_tasks(base["items"])
         m["general"] = paired(general(items, m["general_tasks"]), general(base["items"]), metric)
+    m["sam"] = sam_log(root / "runs" / name)
+    m["items"] = items
+    return _gain(root, m, items, r)
+
+
+def _gain(root, m, items, r):
+    """The in-domain gain: the paired fall of the held-out loss against the stage-1 model's on the run's
+    data (stage1_heldout_<data>), from the model's evaluation or its held-out-only one (heldout/<name>)."""
     data = (m["params"] or {}).get("data")
     hb = load_eval(root / "evals" / f"stage1_heldout_{dtag(data)}") if data else None
     if r.get("heldout"):
@@ -324,8 +348,6 @@ def measure(root, name: str, metric: str = "p") -> dict:
         m["heldout_loss_stage1"] = hb["results"]["heldout"]["loss"]
         d = paired(heldout(items), heldout(hb["items"]), "loss")
         m["gain"] = {"mean": -d["mean"], "se": d["se"], "n": d["n"]} if d["n"] else None
-    m["sam"] = sam_log(root / "runs" / name)
-    m["items"] = items
     return m
 
 
@@ -334,7 +356,8 @@ def measure(root, name: str, metric: str = "p") -> dict:
 def best_rho(s) -> tuple[str, str]:
     """(rho as the study names it, why): least forgetting among the sweep's radii whose in-domain gain is
     > RHO_LEARN_Z SE and at least RHO_LEARN_SHARE of AdamW's (same seed, equal compute); no radius learns
-    clearly -> the best learner. Each run's radius is checked against its args.json."""
+    clearly -> the best learner. Forgetting = the general-text NLL rise at the end of the run's trajectory
+    (multiple-choice general change for runs without one). Each run's radius is checked against its args.json."""
     root, s0 = Path(s.out), s.seeds[0]
     adam = measure(root, run_name(s.data, s.lr, s.epochs, "adamw", s0), s.metric)
     floor = RHO_LEARN_SHARE * adam["gain"]["mean"] if adam.get("gain") else 0.0
@@ -345,10 +368,15 @@ def best_rho(s) -> tuple[str, str]:
         if m["params"] is not None and (not m["params"].get("sam") or got is None or float(got) != float(rho)):
             raise ValueError(f"{root}/runs/{m['name']}/args.json records sam={m['params'].get('sam')}, rho={got}, "
                              f"not SAM with rho {rho}; remove that folder and rerun the study.")
-        if m.get("gain") and m.get("general"):
+        pts = trajectory(root, m["name"])
+        keeps = -forgetting(pts[-1], pts[0])["mean"] if len(pts) > 1 else (m.get("general") or {}).get("mean")
+        if m.get("gain") and keeps is not None:
             g = m["gain"]
             learns = g["mean"] > RHO_LEARN_Z * (g["se"] or 0) and g["mean"] >= floor
-            rows.append((rho, g["mean"], m["general"]["mean"], learns))
+            rows.append((rho, g["mean"], keeps, learns, len(pts) > 1))
+    if any(r[4] for r in rows) and not all(r[4] for r in rows):
+        raise ValueError(f"some SAM runs of the sweep under {root}/runs have a trajectory.jsonl and some do not, so "
+                         f"their forgetting cannot be compared; rerun the sweep with the same settings.")
     if not rows:
         return s.rhos[0], "no SAM run of the sweep has results; the first radius is used"
     learners = [r for r in rows if r[3]]
@@ -458,6 +486,307 @@ def verdict(s, models) -> tuple[str, dict]:
     return f"Could not be resolved: the SAM-AdamW difference in forgetting is within {Z:g} SE ({nums}).", info
 
 
+# ----------------------------------------------------------------------------- trajectories: forgetting along training
+
+FORGET = {"nll": ("general_nll_passages", "general NLL rise", "nats/token"),
+          "kl": ("kl_passages", "KL to the stage-1 model", "nats/token")}
+
+
+def trajectory(root, name) -> list:
+    """finetune.py --eval-every's points of runs/<name>/trajectory.jsonl in step order ([] if absent); a
+    step logged twice (a resumed run) keeps its last record."""
+    path = Path(root) / "runs" / name / "trajectory.jsonl"
+    by = {p["step"]: p for p in (common.read_jsonl(path) if path.is_file() else [])}
+    return [by[k] for k in sorted(by)]
+
+
+def probe_point(root, name) -> dict | None:
+    """probe.py's point of a model the study only measured (Wise-FT): runs/<name>/point.json."""
+    return read_json(Path(root) / "runs" / name / "point.json")
+
+
+def crossing(points, key, value):
+    """(i, w): the first segment of the ordered `points` on which points[.][key] reaches `value`, with
+    value = (1 - w) * points[i][key] + w * points[i + 1][key]; None when it never does (no extrapolation)."""
+    for i in range(len(points) - 1):
+        a, b = points[i][key], points[i + 1][key]
+        if a == b:
+            if a == value:
+                return i, 0.0
+        elif 0.0 <= (value - a) / (b - a) <= 1.0:
+            return i, (value - a) / (b - a)
+    return (0, 0.0) if len(points) == 1 and points[0][key] == value else None
+
+
+def at(points, key, value, field):
+    """points' `field` (a number, or a per-passage list) linearly interpolated where `key` first reaches
+    `value` along them; None when it never does."""
+    c = crossing(points, key, value)
+    if c is None:
+        return None
+    i, w = c
+    a, b = points[i][field], points[min(i + 1, len(points) - 1)][field]
+    if isinstance(a, list):
+        return [(1 - w) * x + w * y for x, y in zip(a, b)]
+    return (1 - w) * a + w * b
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def forgetting(point, start, field="general_nll_passages") -> dict:
+    """The point's forgetting against the start point, paired per passage: {"mean", "se", "n"}."""
+    if not point or not start or field not in point or field not in start:
+        return {"mean": None, "se": None, "n": 0}
+    return stats([p - s for p, s in zip(point[field], start[field])])
+
+
+def matched(ref, point, key="heldout_loss", field="general_nll_passages") -> dict:
+    """The point's forgetting minus that of the reference trajectory `ref` (same start model, ordered)
+    interpolated where ref's `key` equals the point's: key = held-out loss compares at matched learning,
+    displacement at matched movement. Paired per passage: {"mean", "se", "n", "at", "own", "ref"} (own, ref:
+    the two mean rises over ref's first point); mean None, with "why", when ref never reaches the value."""
+    if not ref or not point or point.get(key) is None:
+        return {"mean": None, "se": None, "n": 0, "why": "missing"}
+    v = point[key]
+    r = at(ref, key, v, field)
+    if r is None:
+        lo, hi = min(p[key] for p in ref), max(p[key] for p in ref)
+        return {"mean": None, "se": None, "n": 0, "at": v,
+                "why": f"{key} {v:.3f} is outside the reference's range [{lo:.3f}, {hi:.3f}]"}
+    base = _mean(ref[0][field])
+    return {**stats([p - q for p, q in zip(point[field], r)]), "at": v, "own": _mean(point[field]) - base,
+            "ref": _mean(r) - base}
+
+
+def fit_line(xs, ys) -> dict:
+    """Least squares y = a + b x: {"intercept", "slope", "r2", "n"} (None values below 2 distinct x)."""
+    n = len(xs)
+    if n < 2 or len(set(xs)) < 2:
+        return {"intercept": None, "slope": None, "r2": None, "n": n}
+    mx, my = _mean(xs), _mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    syy = sum((y - my) ** 2 for y in ys)
+    r2 = 1 - sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / syy if syy else None
+    return {"intercept": a, "slope": b, "r2": r2, "n": n}
+
+
+def flatness(s, M) -> dict:
+    """Table 1's numbers: per model (stage 1, then the distance runs nearest first) its landscape.py flatness
+    (SC, AG, MAG x 100) and Spearman correlations with forgetting (-general change; stage 1 = 0)."""
+    st = M["stage1"]
+    rows, pts = [], []
+    for label, n in [("stage 1", "stage1")] + [(f"→ {dtag(d)} (AdamW)", n) for d, n in s.names["distance"].items()]:
+        lm = read_json(Path(s.out) / "landscape" / n / "metrics.json")
+        vals = [lm[k] * lm.get("percent_scale", 100.0) if lm else None for k in ("sc", "ag", "mag")]
+        g = (M[n].get("general") or {}).get("mean")
+        rows.append((label, n, vals))
+        pts.append((vals, 0.0 if M[n] is st else None if g is None else -g))
+    ok = [(v, f) for v, f in pts if f is not None and None not in v]
+    rho = {k: spearman([v[i] for v, _ in ok], [f for _, f in ok]) for i, k in enumerate(("SC", "AG", "MAG"))}
+    dist = [(i, f) for i, (_, f) in enumerate(pts) if f is not None]
+    return {"rows": rows, **rho, "n": len(ok), "distance": spearman([i for i, _ in dist], [f for _, f in dist]),
+            "n_distance": len(dist)}
+
+
+def nearest_step(points, loss):
+    """The trajectory point whose held-out loss is nearest `loss` (the checkpoint an end-point Δp
+    comparison at matched learning would evaluate); None without points."""
+    return min(points, key=lambda p: abs(p["heldout_loss"] - loss)) if points else None
+
+
+def _label(params, fallback):
+    """A run's method from its args.json: AdamW / SAM rho r, + rehearsal, + LoRA r."""
+    if not params:
+        return fallback
+    lab = f"SAM rho {params['rho']:g}" if params.get("sam") else "AdamW"
+    lab += " + rehearsal" if params.get("rehearsal") else ""
+    lab += f" + LoRA {params['lora']}" if params.get("lora") else ""
+    return lab + (f" (seed {params['seed']})" if params.get("seed") is not None else "")
+
+
+def frontier(s) -> dict:
+    """Everything the frontier figure, the matched-learning verdict and the displacement fit need, from
+    runs/<name>/trajectory.jsonl (fine-tunes) and runs/<name>/point.json (Wise-FT, probe.py):
+    {"start", "runs": {name: {"label", "params", "points", "forget", "kl"}}, "wiseft": [points with "alpha"],
+     "sam_wiseft", "rows": [comparisons at matched learning], "endpoint": SAM - AdamW at equal compute,
+     "displacement": {"fit", "sam_vs_adamw", "adamw_end", "sam_end"}}. Needs measure_study's s.names."""
+    root, N, s0 = Path(s.out), s.names, s.seeds[0]
+    every = {}     # every run with a trajectory (the displacement fit); `runs`: those on the main data (frontier)
+    for n in s.order:
+        pts = trajectory(root, n)
+        if pts:
+            params = run_params(root, n)
+            every[n] = {"label": _label(params, n), "params": params, "points": pts,
+                        "forget": forgetting(pts[-1], pts[0]), "kl": forgetting(pts[-1], pts[0], "kl_passages")}
+    runs = {n: r for n, r in every.items() if dtag((r["params"] or {}).get("data", s.data)) == dtag(s.data)}
+    T = lambda n: runs[n]["points"] if n in runs else []
+    end = lambda n: T(n)[-1] if T(n) else None
+    start = next((r["points"][0] for r in runs.values()), None)
+    curve = []
+    for a, n in N["wiseft_curve"].items():
+        p = probe_point(root, n)
+        if p:
+            curve.append({**p, "alpha": float(a), "name": n})
+    ends = T(N["adamw"][s0])     # alpha 0 is the stage-1 model and alpha 1 the run's end: its trajectory has both
+    for a, p in ((0.0, ends[:1]), (1.0, ends[-1:])):
+        if p and not any(c["alpha"] == a for c in curve):
+            curve.append({**p[0], "alpha": a, "name": f"{N['adamw'][s0]} (trajectory)"})
+    sam_wise = probe_point(root, N["wiseft"][1])
+    if sam_wise:
+        sam_wise["name"] = N["wiseft"][1]
+    for p in curve + ([sam_wise] if sam_wise else []):
+        p["forget"] = forgetting(p, start)
+        p["kl"] = forgetting(p, start, "kl_passages")
+
+    def row(label, claim, pairs, ref_label):
+        """pairs: [(reference points, point)], one per seed."""
+        out = {"label": label, "claim": claim, "ref": ref_label}
+        for k, field in (("nll", "general_nll_passages"), ("kl", "kl_passages")):
+            parts = [matched(ref, p, "heldout_loss", field) for ref, p in pairs]
+            got = [x for x in parts if x["mean"] is not None]
+            out[k] = {**combine(got), "parts": parts,
+                      "why": next((x["why"] for x in parts if x["mean"] is None), None) if not got else None}
+        return out
+    adamw = {sd: T(N["adamw"][sd]) for sd in s.seeds}
+    rows = [row(f"SAM rho {s.best_rho} vs AdamW", "sam",
+                [(adamw[sd], end(N["sam"][sd])) for sd in s.seeds if adamw[sd] and end(N["sam"][sd])], "AdamW")]
+    rows += [row(f"SAM rho {rho} vs AdamW (seed {s0})", "sweep", [(adamw[s0], end(n))], "AdamW")
+             for rho, n in N["sweep"].items() if rho != s.best_rho and end(n) and adamw[s0]]
+    rows += [row(f"Wise-FT alpha {p['alpha']:g} vs AdamW", "wiseft", [(adamw[s0], p)], "AdamW")
+             for p in curve if 0 < p["alpha"] < 1 and adamw[s0]]
+    if sam_wise and curve:
+        rows.append(row(f"Wise-FT of SAM vs Wise-FT of AdamW", "wiseft_sam",
+                        [(sorted(curve, key=lambda p: p["alpha"]), sam_wise)], "the Wise-FT curve of AdamW"))
+    rh = N["rehearsal"]
+    if end(rh[0]) and adamw[s0]:
+        rows.append(row("rehearsal vs AdamW", "rehearsal", [(adamw[s0], end(rh[0]))], "AdamW"))
+    if end(rh[1]) and T(rh[0]):
+        rows.append(row("SAM + rehearsal vs rehearsal", "rehearsal_sam", [(T(rh[0]), end(rh[1]))], "rehearsal"))
+    if N["lora"] and end(N["lora"][0]) and adamw[s0]:
+        rows.append(row("LoRA vs AdamW", "lora", [(adamw[s0], end(N["lora"][0]))], "AdamW"))
+    if N["lora"] and end(N["lora"][1]) and T(N["lora"][0]):
+        rows.append(row("SAM + LoRA vs LoRA", "lora_sam", [(T(N["lora"][0]), end(N["lora"][1]))], "LoRA"))
+    pairs = [(end(N["adamw"][sd]), end(N["sam"][sd])) for sd in s.seeds if end(N["adamw"][sd]) and end(N["sam"][sd])]
+    endpoint = {"nll": combine([stats([b - a for a, b in zip(x["general_nll_passages"], y["general_nll_passages"])])
+                                for x, y in pairs]),
+                "heldout_loss": combine([{"mean": y["heldout_loss"] - x["heldout_loss"], "se": 0.0} for x, y in pairs])}
+    # displacement: every run's every point, and SAM against AdamW at equal displacement
+    xs, ys = [], []
+    for r in every.values():
+        for p in r["points"]:
+            if p.get("displacement") is not None:
+                xs.append(p["displacement"])
+                ys.append(_mean(p["general_nll_passages"]) - _mean(r["points"][0]["general_nll_passages"]))
+    disp = [matched(adamw[sd], end(N["sam"][sd]), "displacement") for sd in s.seeds
+            if adamw[sd] and end(N["sam"][sd])]
+    d_end = lambda names: [end(n)["displacement"] for n in names if end(n) and end(n).get("displacement") is not None]
+    displacement = {"fit": fit_line(xs, ys), "n_runs": len(every),
+                    "sam_vs_adamw": {**combine([d for d in disp if d["mean"] is not None]), "parts": disp},
+                    "adamw_end": d_end(N["adamw"].values()), "sam_end": d_end(N["sam"].values())}
+    return {"start": start, "runs": runs, "every": every, "wiseft": sorted(curve, key=lambda p: p["alpha"]),
+            "sam_wiseft": sam_wise,
+            "rows": rows, "endpoint": endpoint, "displacement": displacement}
+
+
+def _pm(d, digits=3):
+    return "n/a" if not d or d.get("mean") is None else \
+        f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f}" if d.get("se") is not None else f"{d['mean']:+.{digits}f}"
+
+
+def _side(d):
+    """'less' / 'more' / 'same' (within Z SE) / None (not measured) for a difference of forgetting."""
+    if not d or d.get("mean") is None or d.get("se") is None:
+        return None
+    return "less" if d["mean"] < -Z * d["se"] else "more" if d["mean"] > Z * d["se"] else "same"
+
+
+def displacement_sentence(F) -> str:
+    """Does SAM forget less at equal displacement, or only move less?"""
+    D = F["displacement"]
+    fit, c = D["fit"], D["sam_vs_adamw"]
+    head = (f"Over {D['n_runs']} runs and every trajectory point, general NLL rise = {fit['intercept']:+.3f} + "
+            f"{fit['slope']:.3f} x displacement (R² {fit['r2']:.2f}, {fit['n']} points). "
+            if fit["slope"] is not None and fit["r2"] is not None else "Displacement: too few points for a fit. ")
+    moved = ""
+    if D["adamw_end"] and D["sam_end"]:
+        a, b = _mean(D["adamw_end"]), _mean(D["sam_end"])
+        moved = f"SAM moved {b:.4f} against AdamW's {a:.4f} (relative weight change at the end, mean over seeds)"
+    side = _side(c)
+    if side is None:
+        why = next((p.get("why") for p in c.get("parts", []) if p.get("why")), "the runs are missing")
+        return head + f"SAM could not be compared with AdamW at equal displacement ({why}). {moved}."
+    if side == "less":
+        return head + (f"SAM forgets less than AdamW at equal displacement ({_pm(c)} nats/token, paired per passage, "
+                       f"{c['k']} seed(s)): it moves its weights in directions that cost less old knowledge. {moved}.")
+    if side == "more":
+        return head + (f"SAM forgets more than AdamW at equal displacement ({_pm(c)} nats/token, {c['k']} seed(s)). "
+                       f"{moved}.")
+    less = D["adamw_end"] and D["sam_end"] and _mean(D["sam_end"]) < _mean(D["adamw_end"])
+    return head + (f"At equal displacement SAM forgets as much as AdamW (difference {_pm(c)} nats/token, {c['k']} "
+                   f"seed(s), within {Z:g} SE): " + ("it only moves less. " if less else "it does not even move less. ")
+                   + f"{moved}.")
+
+
+def claims(s, F, M, flat) -> tuple[str, dict]:
+    """The verdict paragraph: the paper's claims one by one, each held / did not hold / not resolved here,
+    with the numbers (forgetting = rise of the general-text NLL, paired per passage; at matched learning =
+    against AdamW's trajectory interpolated at the same held-out loss). Returns (markdown, outcomes)."""
+    out, res = [], {}
+    k = len(s.seeds)
+    adam = combine([r["forget"] for n, r in F["runs"].items() if n in s.names["adamw"].values()])
+    dp = combine([M[n].get("general") for n in s.names["adamw"].values() if M.get(n, {}).get("present")])
+    res["forgets"] = "held" if _side({**adam, "mean": -adam["mean"]} if adam["mean"] is not None else None) == "less" \
+        else None if adam["mean"] is None else "did not hold"
+    out.append(f"1. *Fine-tuning on new data forgets general ability*: **{res['forgets'] or 'not measured'}**. AdamW's "
+               f"general NLL rose by {_pm(adam)} nats/token ({adam['k']} of {k} seed(s)); multiple-choice Δ{s.metric} "
+               f"{_pm(dp)}.")
+    r_sc = flat.get("SC")
+    signs = {flat[k] > 0 for k in ("SC", "AG", "MAG") if flat.get(k) is not None}
+    res["flatness"] = None if not signs else "mixed" if len(signs) > 1 else "held" if signs == {True} else \
+        "did not hold"
+    out.append(f"2. *The sharper the landscape, the more forgetting*: **{res['flatness'] or 'not testable'}** in "
+               f"direction (Spearman SC {'n/a' if r_sc is None else f'{r_sc:+.2f}'}, AG "
+               f"{'n/a' if flat.get('AG') is None else format(flat['AG'], '+.2f')}, MAG "
+               f"{'n/a' if flat.get('MAG') is None else format(flat['MAG'], '+.2f')} over {flat.get('n', 0)} models: "
+               f"a rank correlation over so few models is no test).")
+    rows = {r["claim"]: r for r in F["rows"]}
+    sam = rows.get("sam", {}).get("nll")
+    side = _side(sam)
+    # a remedy can only be judged where AdamW forgets: otherwise there is nothing to reduce
+    moot = "" if res["forgets"] == "held" else " AdamW did not forget measurably here, so there was nothing to reduce"
+    if moot:
+        side = None
+    e = F["endpoint"]
+    res["sam"] = {"less": "held", "more": "did not hold", "same": "did not hold"}.get(side)
+    detail = {None: moot.strip() or f"SAM could not be placed on AdamW's trajectory "
+                                     f"({(sam or {}).get('why') or 'runs missing'})",
+              "less": "at the same in-domain loss SAM forgot less than AdamW",
+              "same": "at the same in-domain loss SAM forgot as much as AdamW (within "
+                      f"{Z:g} SE): what it forgets less at equal compute it pays for in learning",
+              "more": "at the same in-domain loss SAM forgot more than AdamW"}[side]
+    out.append(f"3. *SAM keeps general ability at equal training cost*: **{res['sam'] or 'not resolved'}**: {detail} "
+               f"(SAM rho {s.best_rho} minus AdamW at matched held-out loss {_pm(sam)} nats/token over "
+               f"{(sam or {}).get('k', 0)} seed(s); at equal compute the end points differ by {_pm(e['nll'])} in "
+               f"forgetting and {_pm({'mean': e['heldout_loss']['mean']})} in held-out loss).")
+    for key, claim, what in (("wiseft", "wiseft_sam", "Wise-FT"), ("rehearsal", "rehearsal_sam", "rehearsal")):
+        base = rows.get("wiseft") if key == "wiseft" else rows.get("rehearsal")
+        if key == "wiseft":
+            base = next((r for r in F["rows"] if r["claim"] == "wiseft" and "0.5" in r["label"]), base)
+        comb = rows.get(claim)
+        b, c = (base or {}).get("nll"), (comb or {}).get("nll")
+        res[key] = None if moot else {"less": "held", "more": "did not hold", "same": "did not hold"}.get(_side(c))
+        out.append(f"{4 if key == 'wiseft' else 5}. *SAM is complementary to {what}*: **{res[key] or 'not resolved'}**:"
+                   f"{moot + ';' if moot else ''} "
+                   f"{what} with SAM minus {what} without, at matched held-out loss, {_pm(c)} nats/token"
+                   + (f" ({c['why']})" if c and c.get("why") else "")
+                   + f"; {what} alone against AdamW at matched loss {_pm(b)}.")
+    return "\n".join(out), res
+
+
 # ----------------------------------------------------------------------------- the study, measured
 
 def measure_study(s) -> dict:
@@ -465,7 +794,7 @@ def measure_study(s) -> dict:
     outp = Path(s.out)
     s.names = N = names(s)
     s.order = list(dict.fromkeys([*N["adamw"].values(), *N["sam"].values(), *N["sweep"].values(), *N["wiseft"],
-                                  *N["rehearsal"], *[n for ns in N["datasets"].values() for n in ns],
+                                  *N["rehearsal"], *N["lora"], *[n for ns in N["datasets"].values() for n in ns],
                                   *N["distance"].values()]))
     M = {n: measure(outp, n, s.metric) for n in s.order}
     M["stage1"] = measure(outp, "stage1", s.metric)

@@ -11,10 +11,13 @@ import study
 def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_path):
     text = report.main(out=str(make_study(tmp_path)), metric="lp", **S)
     md = (tmp_path / "REPORT.md").read_text()
-    assert text.startswith("Held") and f"**Verdict.** {text}" in md
+    assert text.startswith("Held") and f"**Verdict at equal compute, multiple choice.** {text}" in md
     adamw = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
     row = next(l for l in md.splitlines() if l.startswith(f"| gsm8k | w/o SAM ({adamw})"))
-    assert "40.00 (-10.00)" in row and "unavailable" in row and "-0.500 ± " in row and "+1.000 ± " in row
+    assert "| 40.00 (-10.00 ± 2.00, n 8) |" in row and "unavailable" in row and "-0.500 ± " in row \
+        and "+1.000 ± " in row
+    assert "| 40.00 (+1.00 ± 3.00, n 8, SE > change) |" in row          # Reasoning: a change within its SE
+    assert "| stage 1 | 50.00 (n 8) | unavailable | 50.00 (n 8) |" in md
     # Wise-FT, rehearsal, landscapes and calibration were never written: their cells say so
     wise = next(l for l in md.splitlines() if l.startswith("| Wise-FT w/o SAM"))
     assert wise.count("missing") == 7
@@ -22,6 +25,17 @@ def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_pat
     assert "| - | stage 1 | not run | unavailable offline |" in md
     sam2 = study.run_name("gsm8k", "1e-4", 1, "sam2", 0)
     assert f"| {sam2} | 2 | missing |" in md                 # rho from its args.json; no metrics.jsonl
+    # the frontier: trajectories and Wise-FT points read from the files, SAM placed on AdamW's trajectory
+    assert md.index("## The learning-forgetting frontier") < md.index("## Table 1")
+    row = next(l for l in md.splitlines() if l.startswith("| SAM rho 0.05 vs AdamW (reference: AdamW)"))
+    assert "| 1.750, 1.750 |" in row and "| -0.050 ± 0.006 |" in row and "+0.138 / +0.188" in row
+    assert "| Wise-FT alpha 0.5 vs AdamW (reference: AdamW) | 1.600 |" in md
+    assert "not reached (heldout_loss 3.050 is outside the reference's range [1.000, 3.000])" in md
+    assert "**held**" in md and "SAM forgets more than AdamW at equal displacement" in md
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["claims"]["sam"] == "held" and len(rep["frontier"]["wiseft"]) == 3
+    for fig in ("frontier.png", "displacement.png"):
+        assert (tmp_path / "figures" / fig).stat().st_size > 10_000
     saved = json.loads((tmp_path / "report_args.json").read_text())
     assert saved["rhos"] == ["0.05", "2"]
     assert report.main(out=str(tmp_path)).startswith("Held")    # settings read back from report_args.json

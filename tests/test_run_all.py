@@ -33,7 +33,7 @@ def _plan(env, *args):
             if w.startswith("--"):
                 key = w
                 flags[key] = []
-            else:
+            elif key:                                     # (a positional before the flags: probe.py MODEL)
                 flags[key].append(w)
         plan.append((script, flags, words))
     return plan
@@ -44,24 +44,28 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     study's step; folder names as study.run_name builds them; extra arguments go to every fine-tune."""
     out = tmp_path / "t"
     plan = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3"}, "--grad-clip", "0.5")
-    name = lambda method, seed="0", rh=False: study.run_name("gsm8k", "1e-3", 1 if "sam" in method else 2, method,
-                                                             seed, rh)
+    name = lambda method, seed="0", rh=False, lora=None: study.run_name(
+        "gsm8k", "1e-3", 1 if "sam" in method else 2, method, seed, rh, lora)
     runs = [name("adamw"), name("sam0.05"), name("sam2"), name("adamw", "1"), name("samBEST", "1")]
-    wise = [name("adamw") + "_wiseft0.5", name("samBEST") + "_wiseft0.5"]
-    rh = [name("adamw", rh=True), name("samBEST", rh=True)]
-    expected = [("evaluate.py", out / "evals/stage1"), ("finetune.py", out / "runs" / runs[0]),
-                ("evaluate.py", out / "evals/stage1_heldout_gsm8k"), ("evaluate.py", out / "evals" / runs[0])]
+    expected = [("data.py", out / "general_text.jsonl"), ("evaluate.py", out / "evals/stage1"),
+                ("finetune.py", out / "runs" / runs[0]), ("evaluate.py", out / "evals/stage1_heldout_gsm8k"),
+                ("evaluate.py", out / "evals" / runs[0])]
     for n in runs[1:]:
         expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
-    for n in wise:
-        expected += [("wiseft.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
-    for n in rh:
+    for base, alphas in ((name("adamw"), ("0", "0.5", "1")), (name("samBEST"), ("0.5",))):
+        for a in alphas:
+            w = f"{base}_wiseft{a}"
+            expected += [("wiseft.py", out / "runs" / w), ("probe.py", out / "runs" / w / "point.json")]
+            expected += [("evaluate.py", out / "evals" / w)] if a == "0.5" else []
+    for n in (name("adamw", rh=True), name("samBEST", rh=True), name("adamw", lora=4), name("samBEST", lora=4)):
         expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
     expected += [("landscape.py", out / "landscape/stage1"), ("landscape.py", out / "landscape" / runs[0]),
                  ("report.py", out)]
-    assert [(sc, Path(f["--out"][0])) for sc, f, _ in plan] == expected
+    assert [(sc, Path((f.get("--out") or f["--general-text"])[0])) for sc, f, _ in plan] == expected
+    general = str(out / "general_text.jsonl")
+    assert plan[0][1] == {"--general-text": [general], "--model": ["tiny"], "--n": ["8"]}
     train = ["--batch-size", "8", "--micro-batch-size", "4", "--max-len", "128", "--heldout", "8", "--precision",
-             "fp32", "--limit", "16", "--grad-clip", "0.5"]
+             "fp32", "--limit", "16", "--eval-every", "1", "--general-text", general, "--grad-clip", "0.5"]
     for sc, f, words in plan:
         if sc == "finetune.py":
             n = Path(f["--out"][0]).name
@@ -71,6 +75,7 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
             assert ("--sam" in f) == sam and f.get("--rho") == ([n.split("_sam")[1].split("_")[0]] if sam else None)
             assert (f.get("--rehearsal"), f.get("--rehearsal-ratio")) == ((["naturalqs"], ["0.25"]) if "_rh_" in n
                                                                           else (None, None))
+            assert f.get("--lora") == (["4"] if "_lora4_" in n else None)
         if sc == "evaluate.py" and "--baseline" in f:          # a stage-2 model: its own held-out items
             n = Path(f["--out"][0]).name
             run = n.split("_wiseft")[0]
@@ -78,11 +83,36 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
             assert f["--heldout"] == [str(out / "runs" / run / "heldout.jsonl")]
             assert f["--model"] == [str(out / "runs" / n)]
         if sc == "wiseft.py":
-            assert f["--base"] == ["tiny"] and f["--alpha"] == ["0.5"]
+            assert f["--base"] == ["tiny"] and f["--out"][0].endswith("_wiseft" + f["--alpha"][0])
             assert f["--finetuned"] == [str(out / "runs" / Path(f["--out"][0]).name.split("_wiseft")[0])]
+        if sc == "probe.py":                                  # the Wise-FT point against the run's held-out items
+            folder = Path(f["--out"][0]).parent
+            assert words[words.index("probe.py") + 1] == str(folder) and f["--start"] == ["tiny"]
+            assert f["--general-text"] == [general] and f["--max-len"] == ["128"]
+            assert f["--heldout"] == [str(out / "runs" / folder.name.split("_wiseft")[0] / "heldout.jsonl")]
     rep = plan[-1][1]
     assert rep["--data"] == ["gsm8k"] and rep["--rhos"] == ["0.05", "2"] and rep["--seeds"] == ["0", "1"]
     assert rep["--distance-data"] == ["gsm8k", "gsm8k"] and rep["--epochs"] == ["2"]
+    assert rep["--wiseft-alphas"] == ["0", "0.5", "1"] and rep["--lora"] == ["4"]
+
+
+def test_smol_dry_run_gives_the_multiple_choice_evaluation_to_the_key_models_only(tmp_path):
+    """DP_EVAL=key (smol): the first seed's models of the tables get evaluate.py's tasks; the other seeds and
+    the sweep's other radii only their held-out loss (heldout/<name>), their forgetting from the trajectory."""
+    out = tmp_path / "s"
+    plan = _plan({"OUT": str(out), "STAGE2_DATA": "rot13", "STAGE2_LR": "1e-3"})
+    full = {Path(f["--out"][0]).name for sc, f, _ in plan if sc == "evaluate.py" and "--baseline" in f}
+    held = {Path(f["--out"][0]).name for sc, f, _ in plan if sc == "evaluate.py" and
+            Path(f["--out"][0]).parent == out / "heldout"}
+    n = lambda m, sd="0", rh=False: study.run_name("rot13", "1e-3", 1 if "sam" in m else 2, m, sd, rh)
+    assert full == {n("adamw"), n("sam0.02"), n("adamw") + "_wiseft0.5", n("sam0.02") + "_wiseft0.5",
+                    n("adamw", rh=True), n("sam0.02", rh=True), study.run_name("naturalqs", "1e-3", 2, "adamw", 0)}
+    assert held == {n("adamw", "1"), n("adamw", "2"), n("sam0.02", "1"), n("sam0.02", "2")}
+    ft = [f for sc, f, _ in plan if sc == "finetune.py"]
+    assert len(ft) == 9 and all(f["--eval-every"] == ["2"] for f in ft)    # 3 + 3 seeds, rh x 2, naturalqs
+    # AdamW's Wise-FT curve: alpha 0.25, 0.5, 0.75 probed (0 and 1 are its trajectory's ends), and SAM's 0.5
+    assert [Path(f["--out"][0]).parent.name.split("_wiseft")[1] for sc, f, _ in plan if sc == "probe.py"] == \
+        ["0.25", "0.5", "0.75", "0.5"]
 
 
 def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
@@ -101,7 +131,9 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
     for data in ("sharegpt", "metamath", "auto-wiki"):
         assert any(f"--data {data} " in l for l in ft)
     assert sum("--rehearsal alpaca" in l for l in ft) == 2
-    assert sum(" wiseft.py " in l for l in lines) == 2
+    assert sum(" wiseft.py " in l for l in lines) == 6          # AdamW's curve (5 alphas) and SAM's alpha 0.5
+    assert sum(" probe.py " in l for l in lines) == 6
+    assert all("--eval-every 50 --general-text " in l for l in ft if "--data alpaca" not in l)
     assert sum(" landscape.py " in l and "--data alpaca" in l for l in lines) == 3   # stage 1, Platypus, Auto-Wiki
     assert any("finetune.py --model TinyLlama/" in l and "--data alpaca" in l for l in ft)
     assert any("finetune.py --model meta-llama/Llama-2-13b-hf --data alpaca" in l for l in ft)
@@ -114,11 +146,15 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
 def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s")})
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[0]
-    assert "--limit 20 hellaswag=40 arc_easy=150 piqa=150 copa=100 --dtype" in lines[0]
-    assert "--train-limit 64 " in lines[0] and "--batch-size 8 --micro-batch-size 8 " in lines[0]
+    assert lines[0].startswith("python data.py --general-text ")           # the general text set, once
+    assert lines[1].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[1]
+    assert "--tasks paper arc_easy piqa sciq --limit 10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80 " in lines[1]
+    assert "--train-limit 32 " in lines[1] and "--batch-size 8 --micro-batch-size 8 " in lines[1]
+    assert lines[1].rstrip().endswith(f"-- --eval-every 2 --general-text {tmp_path / 's/general_text.jsonl'}")
+    assert any("--sam --rho 0.02 --epochs 1" in l for l in lines)
+    r2 = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "RHOS": "0.02 0.1 2"})
     for rho in ("0.02", "0.1", "2"):
-        assert any(f"--sam --rho {rho} --epochs 1" in l for l in lines)
+        assert any(f"--sam --rho {rho} --epochs 1" in l for l in r2.stdout.splitlines())
     assert not any(l.startswith("torchrun") for l in lines)
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-4"})
     assert "calibrate.py" not in r.stdout and "--out " + str(tmp_path / "s/runs/gsm8k_lr1e-4_e2_adamw_s0") in r.stdout
@@ -163,8 +199,9 @@ def _items(folder):
 def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     out, stdout, md, rep = tiny
     assert "[1/" in stdout and "left" in stdout
-    for head in ("Table 1", "Table 2(a)", "Table 2(b)", "Table 2(c)", "Table 4", "Learning vs forgetting",
-                 "Seeds", "SAM runs", "Calibration of the stage-2 setting", "**Verdict.** "):
+    for head in ("The learning-forgetting frontier", "The paper's claims, at matched learning", "Displacement",
+                 "Table 1", "Table 2(a)", "Table 2(b)", "Table 2(c)", "Table 4", "Learning vs forgetting",
+                 "Seeds", "SAM runs", "Calibration of the stage-2 setting", "**Verdict at equal compute"):
         assert head in md
     missing = [l for l in md.splitlines() if l.startswith("|") and "missing" in l]
     assert not missing, missing                                  # every step ran: no cell lacks its file
@@ -194,15 +231,43 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
 
     lm = json.loads((out / "landscape" / "stage1" / "metrics.json").read_text())
     st = json.loads((out / "evals" / "stage1" / "results.json").read_text())
+    dk_n = sum(st["tasks"][t]["n"] for t in st["categories"]["DK"]["tasks"])
     assert _row(md, "| stage 1 | ").split(" | ")[1:5] == [f"{100 * lm[k]:.2f}" for k in ("sc", "ag", "mag")] + \
-        [f"{100 * st['categories']['DK']['score']:.2f}"]
+        [f"{100 * st['categories']['DK']['score']:.2f} (n {dk_n})"]
     assert f"| - | stage 1 | {100 * st['tasks']['hellaswag']['score']:.2f} | unavailable offline |" in md
     sam = study.run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
     rows = [json.loads(l) for l in (out / "runs" / sam / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rise = sum(r["loss_perturbed"] for r in rows) / len(rows) - sum(r["loss"] for r in rows) / len(rows)
     assert _row(md, f"| {sam} | {rep['best_rho']} | ").split(" | ")[3] == f"{rise:+.3f}"
-    for fig in ("tradeoff.png", "categories.png", "landscape.png"):
+    for fig in ("frontier.png", "displacement.png", "tradeoff.png", "categories.png", "landscape.png"):
         assert (out / "figures" / fig).stat().st_size > 10_000
+
+
+def test_tiny_trajectories_probes_and_the_frontier_agree_with_the_files(tiny):
+    out, _, md, rep = tiny
+    cal = json.loads((out / "calibration.json").read_text())
+    data, lr = cal["choice"]["data"], cal["choice"]["lr"]
+    adamw = study.run_name(data, lr, 2, "adamw", 0)
+    traj = [json.loads(l) for l in (out / "runs" / adamw / "trajectory.jsonl").read_text().splitlines() if l.strip()]
+    assert [p["step"] for p in traj] == sorted({p["step"] for p in traj}) and len(traj) >= 3
+    passages = len([l for l in (out / "general_text.jsonl").read_text().splitlines() if l.strip()])
+    assert all(len(p["general_nll_passages"]) == len(p["kl_passages"]) == passages for p in traj)
+    # Wise-FT alpha 1 is the run's own weights: probe.py on it must read the trajectory's end point
+    end, one = traj[-1], json.loads((out / "runs" / f"{adamw}_wiseft1" / "point.json").read_text())
+    for k in ("heldout_loss", "general_nll", "kl_to_start", "displacement"):
+        assert one[k] == pytest.approx(end[k], rel=1e-3, abs=1e-5), k
+    zero = json.loads((out / "runs" / f"{adamw}_wiseft0" / "point.json").read_text())
+    assert zero["general_nll"] == pytest.approx(traj[0]["general_nll"], rel=1e-4) and zero["displacement"] < 1e-6
+    # the report's learning table: the NLL rise at the end of the trajectory, paired per passage
+    rise = [a - b for a, b in zip(end["general_nll_passages"], traj[0]["general_nll_passages"])]
+    assert f"| {sum(rise) / len(rise):+.3f} ± " in _row(md, f"| {adamw} | ")
+    fr = rep["frontier"]
+    assert fr["runs"][adamw]["forget"]["mean"] == pytest.approx(sum(rise) / len(rise))
+    labels = [r["label"] for r in fr["rows"]]
+    assert f"SAM rho {rep['best_rho']} vs AdamW" in labels and "rehearsal vs AdamW" in labels
+    assert "LoRA vs AdamW" in labels and set(rep["claims"]) == {"forgets", "flatness", "sam", "wiseft", "rehearsal"}
+    lora = study.run_name(data, lr, 2, "adamw", 0, lora=4)
+    assert json.loads((out / "runs" / lora / "args.json").read_text())["lora"] == 4
 
 
 def test_tiny_resumes_without_rerunning_and_refuses_other_settings(tiny):

@@ -78,7 +78,7 @@ def test_spearman_hand_values():
 # ----------------------------------------------------------------------------- a constructed study
 
 S = dict(data="gsm8k", lr="1e-4", epochs="2", rhos=["0.05", "2"], seeds=["0", "1"], other_data=[],
-         distance_data=["gsm8k"], profile="tiny", model="tiny")
+         distance_data=["gsm8k"], profile="tiny", model="tiny", wiseft_alphas=["0", "0.5", "1"])
 
 
 def _eval(folder, lp_drop, losses, score=0.5, seed=0):
@@ -88,11 +88,16 @@ def _eval(folder, lp_drop, losses, score=0.5, seed=0):
     items = [_item(t, i, lp=-1.0 - lp_drop + 0.01 * ((i * 7 + seed * 3) % 5 - 2), acc=score)
              for t in TASKS for i in range(8)]
     items += [_item("heldout", i, loss=l) for i, l in enumerate(losses)]
-    cats = {"DK": {"score": score}, "Understanding": {"score": None}, "Reasoning": {"score": score},
-            "Exams": {"score": None}}
-    res = {"model": folder.name, "items_file": "items.jsonl", "tasks": {t: {"score": score} for t in TASKS},
-           "unavailable": {"truthfulqa_mc1": "hub unreachable"}, "categories": cats, "avg": {"score": score},
-           "heldout": {"loss": sum(losses) / len(losses)} if losses else None, "delta": None}
+    cats = {"DK": {"score": score, "tasks": ["mmlu_stem"]}, "Understanding": {"score": None, "tasks": []},
+            "Reasoning": {"score": score, "tasks": ["boolq"]}, "Exams": {"score": None, "tasks": []}}
+    delta = None if folder.name.startswith("stage1") else {  # evaluate.py's paired category changes
+        "categories": {"DK": {"score": {"mean": score - 0.5, "se": 0.02}},
+                       "Reasoning": {"score": {"mean": 0.01, "se": 0.03}}},
+        "avg": {"score": {"mean": (score - 0.5 + 0.01) / 2, "se": 0.018}}}
+    res = {"model": folder.name, "items_file": "items.jsonl", "tasks": {t: {"score": score, "n": 8} for t in TASKS},
+           "unavailable": {"truthfulqa_mc1": "hub unreachable"}, "categories": cats,
+           "avg": {"score": score, "categories": ["DK", "Reasoning"]},
+           "heldout": {"loss": sum(losses) / len(losses)} if losses else None, "delta": delta}
     (folder / "results.json").write_text(json.dumps(res))
     (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
 
@@ -103,9 +108,40 @@ def _args(root, name, **params):
     (root / "runs" / name / "args.json").write_text(json.dumps({"data": "gsm8k", "lr": 1e-4, **params}))
 
 
-def make_study(root, sam_drop=0.1):
+# ----------------------------------------------------------------------------- constructed trajectories
+# Four general-text passages. Along AdamW's trajectory each passage's NLL rises linearly with the fall of
+# the held-out loss from 3.0: rise_j = C[j] * (3.0 - loss), and the weights move 0.01 * (3.0 - loss). SAM ends
+# at held-out loss 1.75 (AdamW passes it between steps 4 and 6) forgetting 0.05 less per passage than AdamW
+# there, plus zero-mean noise E: so SAM - AdamW at matched learning = -0.05 ± SE(E) over passages, exactly.
+START, C, E = [2.0, 2.5, 3.0, 3.5], [0.1, 0.2, 0.1, 0.2], [0.01, -0.01, 0.02, -0.02]
+SE_E = math.sqrt(sum(e * e for e in E) / 3 / 4)                      # the sample SE of E (mean 0)
+
+
+def point(step, loss, rises, disp):
+    nll = [s + r for s, r in zip(START, rises)]
+    return {"step": step, "heldout_loss": loss, "general_nll": sum(nll) / 4, "general_nll_passages": nll,
+            "kl_to_start": sum(rises) / 4, "kl_passages": list(rises), "displacement": disp, "elapsed": (step or 0) * 1.0}
+
+
+def adamw_traj():
+    return [point(k, 3.0 - 0.25 * k, [c * 0.25 * k for c in C], 0.0025 * k) for k in range(0, 10, 2)]
+
+
+def sam_end(step=4, loss=1.75, less=0.05, disp=0.005):
+    return point(step, loss, [c * (3.0 - loss) - less + e for c, e in zip(C, E)], disp)
+
+
+def _traj(root, name, points):
+    (root / "runs" / name).mkdir(parents=True, exist_ok=True)
+    (root / "runs" / name / "trajectory.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+
+
+def make_study(root, sam_drop=0.1, sam_less=0.05):
     """stage 1; AdamW forgets 0.5 nat and learns 1.0; SAM rho 0.05 forgets sam_drop and learns as much
-    (+-0.02 by seed); SAM rho 2 forgets nothing and learns nothing (the paper's radius at small scale)."""
+    (+-0.02 by seed); SAM rho 2 forgets nothing and learns nothing (the paper's radius at small scale).
+    Trajectories: AdamW's adamw_traj() per seed, SAM rho 0.05 ends at sam_end(less=sam_less), SAM rho 2
+    ends at held-out loss 3.05 (above any AdamW point: no match), a Wise-FT curve (alpha 0, 0.5, 1) whose
+    midpoint forgets 0.7 C less than AdamW at its held-out loss 1.6."""
     ev, held = root / "evals", [2.0, 2.2, 1.8, 2.1, 1.9, 2.0]
     _eval(ev / "stage1", 0.0, [])
     _eval(ev / "stage1_heldout_gsm8k", 0.0, held)
@@ -116,8 +152,18 @@ def make_study(root, sam_drop=0.1):
               0.4, int(sd))
         _eval(ev / study.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam_drop,
               [h - 1.0 + 0.02 * (1 - int(sd)) for h in held], 0.5, int(sd))
+        _traj(root, study.run_name("gsm8k", "1e-4", 2, "adamw", sd), adamw_traj())
+        _traj(root, study.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), adamw_traj()[:1] + [sam_end(less=sam_less)])
     _args(root, study.run_name("gsm8k", "1e-4", 1, "sam2", 0), sam=True, rho=2.0, epochs=1, seed=0)
     _eval(ev / study.run_name("gsm8k", "1e-4", 1, "sam2", 0), 0.0, [h + 0.01 for h in held])
+    _traj(root, study.run_name("gsm8k", "1e-4", 1, "sam2", 0), adamw_traj()[:1] + [point(4, 3.05, C, 0.02)])
+    adamw0 = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
+    for alpha, loss, rise in (("0", 3.0, 0.0), ("0.5", 1.6, 0.7), ("1", 1.0, 2.0)):
+        (root / "runs" / f"{adamw0}_wiseft{alpha}").mkdir(parents=True)
+        (root / "runs" / f"{adamw0}_wiseft{alpha}" / "point.json").write_text(
+            json.dumps(point(None, loss, [c * rise for c in C], 0.01 * float(alpha))))
+        (root / "runs" / f"{adamw0}_wiseft{alpha}" / "wiseft.json").write_text(
+            json.dumps({"alpha": float(alpha), "finetuned": str(root / "runs" / adamw0)}))
     return root
 
 
@@ -184,3 +230,70 @@ def test_candidate_specs_are_checked():
     for bad in ("gsm8k:1e-4", "gsm8k:1e-4:3", "gsm8k:fast:2"):
         with pytest.raises(ValueError, match="candidate"):
             study.parse_candidate(bad)
+
+
+# ----------------------------------------------------------------------------- trajectories and the frontier
+
+def test_matched_learning_interpolates_adamw_at_sams_held_out_loss():
+    d = study.matched(adamw_traj(), sam_end())
+    assert d["at"] == 1.75 and d["n"] == 4
+    assert d["mean"] == pytest.approx(-0.05) and d["se"] == pytest.approx(SE_E)
+    assert d["ref"] == pytest.approx(0.15 * 1.25) and d["own"] == pytest.approx(0.15 * 1.25 - 0.05)
+    assert study.at(adamw_traj(), "heldout_loss", 1.75, "displacement") == pytest.approx(0.0125)
+    # the first crossing counts when the held-out loss goes back up; beyond the trajectory: no match
+    bumpy = adamw_traj()[:3] + [point(6, 2.5, [0.0] * 4, 0.0)]
+    assert study.crossing(bumpy, "heldout_loss", 2.25) == (1, pytest.approx(0.5))
+    far = study.matched(adamw_traj(), sam_end(loss=0.5))
+    assert far["mean"] is None and "outside the reference's range [1.000, 3.000]" in far["why"]
+    assert study.nearest_step(adamw_traj(), 1.7)["step"] == 6
+
+
+def test_displacement_fit_and_the_comparison_at_equal_displacement(tmp_path):
+    fit = study.fit_line([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
+    assert (fit["intercept"], fit["slope"], fit["r2"]) == (pytest.approx(1.0), pytest.approx(2.0), pytest.approx(1.0))
+    assert study.fit_line([1.0, 1.0], [0.0, 1.0])["slope"] is None
+    # SAM moved 0.005: AdamW there had a held-out loss of 2.5 and a rise of 0.5 C; SAM's rise is 1.25 C - 0.05 + E
+    d = study.matched(adamw_traj(), sam_end(), "displacement")
+    diffs = [0.75 * c - 0.05 + e for c, e in zip(C, E)]
+    se = math.sqrt(sum((x - sum(diffs) / 4) ** 2 for x in diffs) / 3 / 4)
+    assert d["mean"] == pytest.approx(0.75 * 0.15 - 0.05) and d["se"] == pytest.approx(se)
+    s = study.settings(make_study(tmp_path), metric="lp", **S)
+    s.best_rho = "0.05"
+    study.measure_study(s)
+    F = study.frontier(s)
+    D = F["displacement"]
+    assert D["fit"]["slope"] is not None and 0 < D["fit"]["r2"] <= 1
+    assert D["sam_vs_adamw"]["mean"] == pytest.approx(0.0625) and D["sam_end"] == [0.005, 0.005]
+    assert D["fit"]["n"] == 2 * 5 + 2 * 2 + 2                   # every point of the 5 trajectories
+    text = study.displacement_sentence(F)
+    assert f"SAM forgets more than AdamW at equal displacement (+0.063 ± {se / math.sqrt(2):.3f}" in text
+
+
+@pytest.mark.parametrize("less, outcome", [(0.05, "held"), (0.0, "did not hold"), (-0.05, "did not hold")])
+def test_claims_follow_the_comparison_at_matched_learning(tmp_path, less, outcome):
+    s = study.settings(make_study(tmp_path, sam_less=less), metric="lp", **S)
+    s.best_rho = "0.05"
+    M = study.measure_study(s)
+    F = study.frontier(s)
+    rows = {r["label"]: r for r in F["rows"]}
+    sam = rows["SAM rho 0.05 vs AdamW"]["nll"]
+    assert sam["mean"] == pytest.approx(-less) and sam["k"] == 2
+    assert sam["se"] == pytest.approx(SE_E / math.sqrt(2))     # two identical seeds: the pooled passage SE
+    assert rows["SAM rho 2 vs AdamW (seed 0)"]["nll"]["mean"] is None   # learned nothing: no AdamW match
+    wise = rows["Wise-FT alpha 0.5 vs AdamW"]["nll"]
+    assert wise["mean"] == pytest.approx(-0.7 * 0.15)          # 0.7 C vs 1.4 C at loss 1.6
+    text, res = study.claims(s, F, M, study.flatness(s, M))
+    assert res["sam"] == outcome and res["forgets"] == "held"
+    assert f"3. *SAM keeps general ability at equal training cost*: **{outcome}**" in text
+    assert f"matched held-out loss {sam['mean']:+.3f} ± {SE_E / math.sqrt(2):.3f} nats/token over 2 seed(s)" in text
+    assert res["wiseft"] is None and "4. *SAM is complementary to Wise-FT*: **not resolved**" in text
+
+
+def test_the_panel_keeps_the_tasks_above_chance_and_reports_their_n():
+    mk = lambda t, i, ok, k: {**_item(t, i, acc=float(ok), acc_norm=float(ok), p=0.5), "lls": [0.0] * k}
+    items = [mk("sciq", i, i < 30, 4) for i in range(40)]             # 75% at chance 25%: z = 5.5
+    items += [mk("winogrande", i, i < 21, 2) for i in range(40)]      # 52.5% at chance 50%: z = 0.3
+    ab = study.ability_tasks(items)
+    assert ab["sciq"]["able"] and not ab["winogrande"]["able"] and ab["sciq"]["n"] == 40
+    assert study.general_tasks(items) == ["sciq"]
+    assert "sciq 75.0% (chance 25.0%, n 40)" in study.ability_text(items)
