@@ -227,7 +227,10 @@ def main(args: Args) -> dict:
              "lora": args.lora, "trainable_params": sum(p.numel() for p in params), "world": world,
              "passes": sum(r["passes"] for r in rows), "micro_batch_passes": sum(r["micro_batch_passes"] for r in rows)}
     if common.is_main():
-        plot(out, rows, final)
+        try:
+            plot(out, rows, final)
+        except ImportError:             # a bare GPU image without matplotlib: the logs hold it all
+            common.log("matplotlib is not installed: loss_curve.png skipped")
         common.write_json(out / "final.json", final)      # written last: the run is complete
         if not args.keep_checkpoint:
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
