@@ -15,7 +15,7 @@ from pathlib import Path
 
 import common
 import study
-from study import CATS, METRIC_TEXT, combine, dtag, read_json, spearman
+from study import CATS, METRIC_TEXT, combine, dtag
 
 # ----------------------------------------------------------------------------- tables
 
