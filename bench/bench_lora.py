@@ -12,8 +12,11 @@ LoraConfig r=16, alpha 32, no dropout), so its memory is its own:
                 resident set just before them: the memory the steps themselves add.
 Step time: AdamW and SAM steps taken in turn in one more process (same model, same batches),
 so a change of the machine's load hits both alike; medians over the timed steps after one
-warm-up step each, as wall time and as the process's CPU time (all threads; steadier on a
-shared machine), and the median of the per-round SAM/AdamW ratios. `--trainer` adds the
+warm-up step each, as wall time and as the process's CPU time, and the median of the per-round
+SAM/AdamW ratios. One torch thread by default: on a shared machine, threads that wait at
+OpenMP barriers for a descheduled sibling spin, which inflates both clocks (seen here: the same
+AdamW step took 4.7 or 24 CPU-seconds with 2 threads); with one thread the CPU time is the
+work. `--threads N` for a machine of one's own. `--trainer` adds the
 Trainer and SAMTrainer, each in its own process (so only as steady as the machine's load). A SAM step is two forward/backward passes
 plus the perturbation, so its ideal ratio to AdamW is just under 2x; SAM's own state is one
 backup copy of the trainable (adapter) weights.
@@ -164,6 +167,7 @@ def worker(kind: str, a) -> dict:
     """'time': both sides interleaved; 'adamw' / 'sam': one side alone, for its memory (one warm-up
     and one step); 'trainer-adamw' / 'trainer-sam': the Trainer or SAMTrainer."""
     import torch
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = lora_model(a.model, a.rank)
     micro = batches(a.model, a.batch, a.seq, a.steps + 1)
@@ -192,7 +196,7 @@ def main(a):
     for kind in kinds:
         cmd = [sys.executable, __file__, "--worker", kind, "--model", a.model, "--rank", str(a.rank),
                "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--rho", str(a.rho),
-               "--out", a.out]
+               "--threads", str(a.threads), "--out", a.out]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -231,6 +235,7 @@ if __name__ == "__main__":
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (padded or cut)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up")
     p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per side (1: steadiest on a shared machine)")
     p.add_argument("--trainer", action="store_true", help="also SAMTrainer vs the Trainer")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 timed step (smoke test)")
     p.add_argument("--out", default="/tmp/bench_lora", help="the Trainer's scratch output_dir")
