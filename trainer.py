@@ -159,6 +159,10 @@ class SAMMixin:
 
     # ------------------------------------------------------------------------- the two passes
 
+    def train(self, *args, **kwargs):
+        self._sam_window = []           # a window cut short by a stopped run is not resumed
+        return super().train(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._sam_window.append(dict(inputs))     # a copy: compute_loss may pop or add keys
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -1,6 +1,6 @@
 """SAM with TRL's SFTTrainer on a chat dataset, offline on the built-in models.
 
-    python examples/sft_sam.py                                   # tiny model, ~30 s on 2 CPU cores
+    python examples/sft_sam.py                                   # tiny model, under a minute on 2 CPU cores
     python examples/sft_sam.py --model smollm2-135m --rho 0.05 --steps 20 --max-length 256
     torchrun --nproc_per_node 2 examples/sft_sam.py              # DDP, as any Trainer script
 
