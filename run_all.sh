@@ -43,7 +43,7 @@ case $PROFILE in
       : "${LIMIT:=10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80}" "${TRAIN_LIMIT:=32}" "${BATCH:=8}"
       : "${HELDOUT:=32}" "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=}"
       : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=2}" "${GENERAL_N:=32}"
-      : "${LORA:=}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}" "${COSTS:=175 85 20 60 15 30}"
+      : "${LORA:=8}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}" "${COSTS:=175 85 20 60 15 30}"
     else
       : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
       : "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
