@@ -107,9 +107,11 @@ def test_smol_dry_run_gives_the_multiple_choice_evaluation_to_the_key_models_onl
     n = lambda m, sd="0", rh=False: study.run_name("rot13", "1e-3", 1 if "sam" in m else 2, m, sd, rh)
     assert full == {n("adamw"), n("sam0.02"), n("adamw") + "_wiseft0.5", n("sam0.02") + "_wiseft0.5",
                     n("adamw", rh=True), n("sam0.02", rh=True), study.run_name("naturalqs", "1e-3", 2, "adamw", 0)}
-    assert held == {n("adamw", "1"), n("adamw", "2"), n("sam0.02", "1"), n("sam0.02", "2")}
+    lora = {"rot13_lr1e-3_e2_adamw_lora8_s0", "rot13_lr1e-3_e1_sam0.02_lora8_s0"}   # LoRA: one more method
+    assert held == {n("adamw", "1"), n("adamw", "2"), n("sam0.02", "1"), n("sam0.02", "2")} | lora
     ft = [f for sc, f, _ in plan if sc == "finetune.py"]
-    assert len(ft) == 9 and all(f["--eval-every"] == ["2"] for f in ft)    # 3 + 3 seeds, rh x 2, naturalqs
+    assert len(ft) == 11 and all(f["--eval-every"] == ["2"] for f in ft)   # 3 + 3 seeds, rh x 2, naturalqs, LoRA x 2
+    assert {Path(f["--out"][0]).name for f in ft if f.get("--lora") == ["8"]} == lora
     # AdamW's Wise-FT curve: alpha 0.25, 0.5, 0.75 probed (0 and 1 are its trajectory's ends), and SAM's 0.5
     assert [Path(f["--out"][0]).parent.name.split("_wiseft")[1] for sc, f, _ in plan if sc == "probe.py"] == \
         ["0.25", "0.5", "0.75", "0.5"]
