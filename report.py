@@ -128,8 +128,10 @@ def table_learning(s, M):
             if "heldout_loss_stage1" in m and "heldout_loss" in m else "missing"
         avg = {k: 100 * v for k, v in (m.get("avg_delta") or {}).items() if isinstance(v, float)}
         disp = "missing" if m.get("displacement") is None else f"{m['displacement']:.4f}"
-        out.append(f"| {n} | {loss} | {pm(m.get('gain'))} | {pm(m.get('general'))} | {pm(avg, 2)} | "
-                   f"{pm(m.get('forget_nll'))} | {disp} |")
+        # DP_EVAL=key: runs outside the paper's tables get the held-out loss alone, by design
+        only_heldout = m.get("general") is None and m.get("gain") is not None
+        dp, dav = ("held-out only",) * 2 if only_heldout else (pm(m.get("general")), pm(avg, 2))
+        out.append(f"| {n} | {loss} | {pm(m.get('gain'))} | {dp} | {dav} | {pm(m.get('forget_nll'))} | {disp} |")
     return out
 
 
@@ -216,7 +218,8 @@ def render(s, M, F, flat, verdict_text, why_rho, cal_md):
               f"per-item change of the {METRIC_TEXT[s.metric][0]}, mean over the tasks below ± SE, "
               f"{METRIC_TEXT[s.metric][1]}. In-domain gain: paired fall of the held-out loss on the stage-2 data, "
               "nats/token. "
-              "'missing' = a result file is absent; 'unavailable' = the tasks have no offline copy.", "",
+              "'missing' = a result file is absent; 'held-out only' = the run got no multiple-choice evaluation "
+              "(DP_EVAL=key); 'unavailable' = the tasks have no offline copy.", "",
               study.ability_text(M["stage1"].get("items") or []), ""]
     body = (["## Table 1: flatness of the landscape vs forgetting", ""] + table_1(s, M, flat) + [""] + table_2(s, M)
             + ["", "## Table 4: in-domain benchmarks", ""] + table_4(s, M)

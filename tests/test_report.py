@@ -39,3 +39,17 @@ def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_pat
     saved = json.loads((tmp_path / "report_args.json").read_text())
     assert saved["rhos"] == ["0.05", "2"]
     assert report.main(out=str(tmp_path)).startswith("Held")    # settings read back from report_args.json
+
+
+def test_learning_table_tells_a_held_out_only_run_from_a_missing_file():
+    from types import SimpleNamespace
+    s = SimpleNamespace(metric="p", order=["full", "heldout_only", "absent"])
+    base = {"heldout_loss_stage1": 6.0, "heldout_loss": 5.0, "displacement": 0.01,
+            "forget_nll": {"mean": 1.0, "se": 0.1}}
+    M = {"full": {**base, "gain": {"mean": 1.0, "se": 0.1}, "general": {"mean": -0.1, "se": 0.02}},
+         "heldout_only": {**base, "gain": {"mean": 1.0, "se": 0.1}},    # DP_EVAL=key: no multiple choice
+         "absent": {}}
+    rows = {r.split(" | ")[0][2:]: r.split(" | ") for r in report.table_learning(s, M)[2:]}
+    assert rows["full"][3] == "-0.100 ± 0.020"
+    assert rows["heldout_only"][3] == rows["heldout_only"][4] == "held-out only"
+    assert rows["absent"][1] == rows["absent"][3] == "missing"
