@@ -5,6 +5,7 @@
     OUT/checkpoint/meta.json    step, world size, the run's arguments, the summary so far
     OUT/{config.json, model.safetensors, tokenizer...}   the final model, a plain Hugging Face folder
     OUT/adapter/                with --lora: the adapter in peft's format (the folder holds the merge)
+    OUT/step<k>/                with --save-model-at k: the model after step k, a plain HF folder (merged)
 
 Each is written to a temporary name and renamed, so a crash leaves the previous one intact.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -112,21 +114,9 @@ def _restore_dtensor_state(opt):
 def save_final(out: Path, model, tokenizer):
     """The trained model as a plain HF folder in OUT (FSDP2: the full state dict gathered on rank 0;
     a peft model: the adapter into OUT/adapter, then the merged weights into OUT)."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoModelForCausalLM
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not common.is_main():
-            return
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(model.config)
-            if hasattr(model, "peft_config"):       # the same adapters, to load the gathered state into
-                from peft import get_peft_model
-                plain = get_peft_model(plain, model.peft_config["default"])
-        plain.load_state_dict(sd, assign=True)
-        plain.tie_weights()
-        plain.generation_config = model.generation_config
-        model = plain
+    model = _plain(model, copy=False)             # the run is over: a peft model may be merged in place
+    if model is None:
+        return
     if hasattr(model, "merge_and_unload"):          # peft: keep the adapter, export the merge
         with common.atomic_path(out / "adapter") as tmp:
             model.save_pretrained(tmp)
@@ -137,3 +127,36 @@ def save_final(out: Path, model, tokenizer):
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()
+
+
+def save_model_at(folder: Path, model, tokenizer):
+    """The model as it is now, mid-run, as a plain HF folder (--save-model-at): with LoRA the merge of a
+    copy, so training goes on with its adapters untouched. A collective under FSDP2: every rank calls it."""
+    model = _plain(model, copy=True)
+    if model is None:
+        return
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    common.save_model(model, tokenizer, folder)
+
+
+def _plain(model, copy: bool):
+    """The model as one ordinary module on rank 0 (None on the other ranks). FSDP2: the full state dict
+    gathered into a fresh model (with the same adapters under peft). One process: the model itself, or
+    with copy=True a copy of a peft model, since merging would change the one being trained."""
+    if not dist.is_initialized():
+        return deepcopy(model) if copy and hasattr(model, "merge_and_unload") else model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not common.is_main():
+        return None
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+        if hasattr(model, "peft_config"):       # the same adapters, to load the gathered state into
+            from peft import get_peft_model
+            plain = get_peft_model(plain, model.peft_config["default"])
+    plain.load_state_dict(sd, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain

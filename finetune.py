@@ -18,8 +18,9 @@ per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
 Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
 model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
 trajectory.jsonl (with --eval-every: probe.py's points at step 0, every K steps and the end),
-final.json (written last: the run finished), loss_curve.png, and checkpoint/ (checkpoint.py;
-removed at the end unless --keep-checkpoint).
+final.json (written last: the run finished), loss_curve.png, step<k>/ (with --save-model-at k: the
+model after step k, a HF folder), and checkpoint/ (checkpoint.py; removed at the end unless
+--keep-checkpoint).
 """
 import dataclasses
 import json
@@ -28,6 +29,7 @@ import random
 import shutil
 import time
 import types
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,7 @@ class Args:
     save_every: int = opt(100, "checkpoint every N steps (0: never)")
     keep_checkpoint: bool = opt(False, "keep OUT/checkpoint after the run")
     stop_after: int | None = opt(None, "stop after N steps with a checkpoint, as if interrupted")
+    save_model_at: tuple[int, ...] = opt((), "also write the model after these steps as HF folders OUT/step<k>/")
     resume: bool = opt(False, "continue from OUT/checkpoint if present")
 
 
@@ -103,6 +106,8 @@ def parse_args(argv=None) -> Args:
         kind = f.type
         if isinstance(kind, types.UnionType):                  # int | None -> int
             kind = next(t for t in kind.__args__ if t is not type(None))
+        if typing.get_origin(kind) is tuple:                   # tuple[int, ...] -> --flag 2 4 6
+            kind, kw["nargs"] = typing.get_args(kind)[0], "+"
         p.add_argument(flag, type=kind, default=f.default, **kw)
     return Args(**vars(p.parse_args(argv)))
 
@@ -134,6 +139,9 @@ def main(args: Args) -> dict:
     if total < 1:
         raise ValueError(f"{stats['examples']} examples make no full step of --batch-size {args.batch_size} "
                          f"on {world} ranks; lower --batch-size or add data.")
+    if any(not 1 <= k <= total for k in args.save_model_at):
+        raise ValueError(f"--save-model-at {' '.join(map(str, args.save_model_at))}: this run has steps 1 to "
+                         f"{total}; give steps in that range.")
 
     # model: fp32 master weights, sharded under torchrun, LoRA adapters if asked
     model = setup_model(args, rank, device, precision)
@@ -205,6 +213,8 @@ def main(args: Args) -> dict:
             log_line(row, total, (time.time() - t0) / (step + 1 - start))
         if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
             probes.take(step + 1, row["elapsed"])
+        if step + 1 in args.save_model_at:                 # e.g. the model at a matched held-out loss
+            checkpoint.save_model_at(out / f"step{step + 1}", model, tokenizer)
         stop = args.stop_after is not None and args.stop_after <= step + 1 < total
         if stop or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total):
             checkpoint.save(out, model, opt, sched, step + 1,

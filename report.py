@@ -189,13 +189,43 @@ def table_frontier(s, F):
                   "the same learning. KL = mean per-token KL(stage 1 || model) on the same text."]
 
 
+def table_matched_dp(s, D):
+    """The end-point multiple-choice comparison at matched learning (study.matched_dp): SAM against the AdamW
+    model kept at the trajectory step nearest SAM's final held-out loss, paired per item."""
+    if D is None:
+        return ["Multiple choice at matched learning: missing (the first AdamW and SAM runs have no trajectory)."]
+    if not D["present"]:
+        return [f"Multiple choice at matched learning: missing (evals/{D['name']}, the AdamW model at step "
+                f"{D['step']}, has no evaluation yet)."]
+    at = lambda x: "n/a" if x is None else f"{x:.3f}"
+    where = "the stage-1 model" if D["step"] == 0 else f"step {D['step']} of {D['steps']}"
+    out = [f"| model | held-out loss (trajectory) | held-out loss (evaluation) | general Δ{s.metric} vs stage 1 |",
+           "|---" * 4 + "|",
+           f"| SAM rho {s.best_rho} (seed {s.seeds[0]}), its end | {at(D['target'])} | {at(D['sam_heldout'])} | "
+           f"{pm(D['sam_dp'])} |",
+           f"| AdamW (seed {s.seeds[0]}) at {where} | {at(D['heldout_loss'])} | {at(D['adamw_heldout'])} | "
+           f"{pm(D['adamw_dp'])} |",
+           f"| AdamW (seed {s.seeds[0]}) at its end, for reference | - | - | {pm(D['adamw_end_dp'])} |", ""]
+    d, side = D["diff"], D["side"]
+    verdict = {"less": "SAM lost less multiple-choice ability", "more": "SAM lost more",
+               "same": f"the two are within {study.Z:g} SE of each other", None: "not measured"}[side]
+    out.append(f"SAM minus AdamW at matched learning, multiple choice: Δ{s.metric} {pm(d)} ({d['n']} items, paired "
+               f"per item over the general tasks): {verdict}. The AdamW model is the trajectory point whose held-out "
+               f"loss is nearest SAM's final one (the nearest point, not interpolated).")
+    if D.get("rerun_heldout_loss") is not None:
+        out.append(f"The rerun of AdamW to step {D['step']} reproduced the run: held-out loss "
+                   f"{D['rerun_heldout_loss']:.4f} against {D['heldout_loss']:.4f} in the run's trajectory.")
+    return out
+
+
 def frontier_section(s, F, flat, M):
     text, outcomes = study.claims(s, F, M, flat)
     body = ["## The learning-forgetting frontier", "", "![frontier](figures/frontier.png)", "",
             "Each line is a run along its trajectory (finetune.py --eval-every): x = held-out loss on the new "
             "task, y = forgetting; the Wise-FT curve interpolates the stage-1 model and the first AdamW run "
             "(alpha 0 → 1); end points carry ± SE over passages.", "",
-            "**The paper's claims, at matched learning:**", "", text, ""] + table_frontier(s, F)
+            "**The paper's claims, at matched learning:**", "", text, ""] + table_frontier(s, F) \
+        + [""] + table_matched_dp(s, F.get("matched_dp"))
     if not F["runs"]:
         body[2] = "No trajectory.jsonl: the fine-tunes ran without --eval-every, so there is no frontier."
     body += ["", "## Displacement", "", "![displacement](figures/displacement.png)", "",
@@ -409,6 +439,7 @@ def main(out: str = "results", **given) -> str:
     M = study.measure_study(s)
     text, info = study.verdict(s, M)
     F, flat = study.frontier(s), study.flatness(s, M)
+    F["matched_dp"] = study.matched_dp(s, M)
     for n, r in F["every"].items():           # the trajectory's end beside the multiple-choice numbers
         if n in M:
             M[n].update(forget_nll=r["forget"], displacement=r["points"][-1].get("displacement"))
@@ -430,6 +461,7 @@ def main(out: str = "results", **given) -> str:
                                              "claims": outcomes, "verdict": text, "verdict_numbers": info,
                                              "spearman": {k: flat[k] for k in ("SC", "AG", "MAG", "distance")},
                                              "frontier": {"rows": F["rows"], "endpoint": F["endpoint"],
+                                                          "matched_dp": F["matched_dp"],
                                                           "displacement": F["displacement"], "runs": runs,
                                                           "wiseft": F["wiseft"]},
                                              "models": {n: strip(m) for n, m in M.items()},

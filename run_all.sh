@@ -182,6 +182,28 @@ stage2() {
   fi
 }
 
+# matched_adamw SAM_RUN: the end-point Δp comparison at matched learning. study.py matched-step picks the first
+# AdamW run's trajectory step k nearest SAM_RUN's final held-out loss; unless that is step 0 (stage 1) or the run's
+# end (both evaluated already), AdamW is rerun to step k (same seed: the same weights), its model kept in
+# runs/<adamw>_step<k>/step<k>/ and evaluated like every model of the tables
+matched_adamw() {
+  local adamw k name run pick
+  adamw=$(run_name "$STAGE2_DATA" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
+  if [[ -f $OUT/runs/$adamw/final.json && -f $OUT/runs/$1/final.json ]]; then
+    pick=$("$PYTHON" study.py matched-step "${REPORT[@]}")
+    read -r k name <<<"$pick"
+  else
+    k=K name=${adamw}_stepK      # plan pass: the runs it depends on have not run yet
+  fi
+  [[ $name == "${adamw}_step$k" ]] || return 0
+  run=$OUT/runs/$name
+  step $((C_FT / 2)) "$run/step$k/config.json" "finetune $name (AdamW rerun to the step of SAM's held-out loss)" \
+    "${LAUNCH[@]}" finetune.py --model "$STAGE1" --data "$STAGE2_DATA" --out "$run" --epochs "$STAGE2_EPOCHS" \
+    --lr "$STAGE2_LR" --seed "$SEED0" --stop-after "$k" --save-model-at "$k" "${TRAIN[@]}" "${TRAJ[@]}" "${EXTRA[@]}"
+  [[ $MODE == plan ]] || rm -rf "$run/checkpoint"     # the kept model is step<k>/; no resume wanted
+  evaluate "$OUT" "$name" "$run/step$k" "$OUT/runs/$adamw/heldout.jsonl"
+}
+
 probe() {  # probe ROOT NAME HELDOUT_FILE: probe.py's trajectory point of a model the study did not train
   step "$C_PROBE" "$1/runs/$2/point.json" "probe $2" "${LAUNCH[@]}" probe.py "$1/runs/$2" --start "$STAGE1" \
     --general-text "$GENERAL" --heldout "$3" --max-len "$MAX_LEN" --out "$1/runs/$2/point.json"
@@ -264,6 +286,7 @@ study() {
   best_rho
   local sam0; sam0=$(run_name "$STAGE2_DATA" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")
   [[ $DP_EVAL == all ]] || evaluate "$OUT" "$sam0" "$OUT/runs/$sam0" "$OUT/runs/$sam0/heldout.jsonl"
+  matched_adamw "$sam0"
   for s in $SEEDS; do   # the first seed's runs are done above (evaluated in full): skipped here
     [[ $s == "$SEED0" ]] && continue
     stage2 "$OUT" "$STAGE2_DATA" adamw "$s"

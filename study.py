@@ -6,6 +6,7 @@ computes; calibrate.py and run_all.sh call it for their decisions.
     python study.py best-rho --out results      # the SAM radius the study continues with (settings from
                                                 # OUT/report_args.json, or give --data --lr --rhos ...)
     python study.py calibration results/calibration.json    # "DATA LR EPOCHS" of calibrate.py's choice
+    python study.py matched-step --out results  # "STEP NAME": the AdamW step nearest SAM's final held-out loss
 
 Layout of a study folder OUT (run_all.sh writes it): general_text.jsonl (data.py --general-text);
 runs/<name>/ (finetune.py: args.json, final.json, metrics.jsonl, heldout.jsonl, trajectory.jsonl;
@@ -24,7 +25,9 @@ one value per passage, paired per passage (and KL to the stage-1 model, the same
 paired change of the per-item held-out loss (gain = stage-1 loss - model loss). Across seeds: mean, and
 SE = the larger of the pooled paired SE and std / sqrt(k). A difference is significant at Z = 2 SE.
 At matched learning (matched): a run's forgetting minus AdamW's, read off AdamW's trajectory by linear
-interpolation where its held-out loss equals the run's final one (never extrapolated).
+interpolation where its held-out loss equals the run's final one (never extrapolated). For the end-point
+multiple-choice Δp at matched learning, the AdamW model at the trajectory point nearest SAM's final held-out
+loss is kept and evaluated (matched_checkpoint, matched_dp).
 """
 import argparse
 import json
@@ -594,8 +597,53 @@ def flatness(s, M) -> dict:
 
 def nearest_step(points, loss):
     """The trajectory point whose held-out loss is nearest `loss` (the checkpoint an end-point Δp
-    comparison at matched learning would evaluate); None without points."""
+    comparison at matched learning evaluates); None without points."""
     return min(points, key=lambda p: abs(p["heldout_loss"] - loss)) if points else None
+
+
+def matched_checkpoint(s) -> dict | None:
+    """Where the end-point Δp comparison at matched learning evaluates AdamW: the first-seed AdamW trajectory's
+    point whose held-out loss is nearest the first-seed SAM run's final one. {"step", "steps" (AdamW's last),
+    "heldout_loss", "target" (SAM's), "name"}: the model's evaluation name, "stage1" at step 0, the AdamW run
+    itself at its end, else <AdamW run>_step<k> (run_all.sh reruns AdamW to step k into runs/<that name>, keeps
+    the model in its step<k>/ and evaluates it). None while either trajectory is missing. Needs s.best_rho."""
+    root, s0 = Path(s.out), s.seeds[0]
+    N = names(s)
+    adamw, sam = trajectory(root, N["adamw"][s0]), trajectory(root, N["sam"][s0])
+    if not adamw or not sam:
+        return None
+    p, last = nearest_step(adamw, sam[-1]["heldout_loss"]), adamw[-1]["step"]
+    k = p["step"]
+    name = "stage1" if k == 0 else N["adamw"][s0] if k == last else f"{N['adamw'][s0]}_step{k}"
+    return {"step": k, "steps": last, "heldout_loss": p["heldout_loss"], "target": sam[-1]["heldout_loss"],
+            "name": name, "adamw": N["adamw"][s0], "sam": N["sam"][s0]}
+
+
+def matched_dp(s, M) -> dict | None:
+    """The end-point multiple-choice comparison at matched learning: SAM's first-seed model against the AdamW
+    model of matched_checkpoint, paired per item over the general tasks ({"diff": SAM - AdamW, "sam", "adamw":
+    each against stage 1, "adamw_end": the AdamW run's end against stage 1, "side": SAM forgets less / more /
+    the same within Z SE, held-out losses from their evaluations, "rerun_heldout_loss": the rerun's trajectory
+    point at step k, which must reproduce the run's}). None
+    without the checkpoint; "present" False while an evaluation is missing."""
+    c = matched_checkpoint(s)
+    if c is None:
+        return None
+    root = Path(s.out)
+    ref = M.get(c["name"]) or measure(root, c["name"], s.metric)
+    sam, st = M.get(c["sam"]) or {}, M["stage1"]
+    out = {**c, "present": bool(ref.get("present") and sam.get("present") and st.get("present"))}
+    if not out["present"]:
+        return out
+    tasks = general_tasks(st["items"])
+    d = paired(general(sam["items"], tasks), general(ref["items"], tasks), s.metric)
+    out.update(diff=d, side=_side({**d, "mean": -d["mean"]}) if d["mean"] is not None else None,  # + = keeps more
+               sam_dp=sam.get("general"), adamw_dp=ref.get("general", {"mean": 0.0, "se": 0.0, "n": 0}),
+               adamw_end_dp=(M.get(c["adamw"]) or {}).get("general"), sam_heldout=sam.get("heldout_loss"),
+               adamw_heldout=ref.get("heldout_loss", (M.get(c["adamw"]) or {}).get("heldout_loss_stage1")))
+    rerun = [p for p in trajectory(root, c["name"]) if p["step"] == c["step"]]
+    out["rerun_heldout_loss"] = rerun[0]["heldout_loss"] if rerun else None
+    return out
 
 
 def _label(params, fallback):
@@ -812,12 +860,23 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     add_settings_args(sub.add_parser("best-rho", help="print the SAM radius the study continues with"))
     sub.add_parser("calibration", help="print DATA LR EPOCHS of a calibration.json").add_argument("path")
+    add_settings_args(sub.add_parser("matched-step", help="print STEP NAME: the first AdamW run's trajectory "
+                                     "step nearest the first SAM run's final held-out loss (matched_checkpoint)"))
     a = vars(p.parse_args(argv))
     try:
         if a["cmd"] == "calibration":
             print(calibration_choice(a["path"]))
-        else:
-            print(best_rho(settings(a.pop("out"), **a))[0])
+            return
+        s = settings(a.pop("out"), **a)
+        s.best_rho = best_rho(s)[0]
+        if a["cmd"] == "best-rho":
+            print(s.best_rho)
+            return
+        c = matched_checkpoint(s)
+        if c is None:
+            raise FileNotFoundError(f"{s.out}/runs: the first AdamW and SAM runs' trajectory.jsonl are needed "
+                                    f"(run the study with EVAL_EVERY > 0).")
+        print(c["step"], c["name"])
     except (ValueError, FileNotFoundError) as e:
         common.die(str(e))
 

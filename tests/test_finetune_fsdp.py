@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 import pytest
@@ -86,7 +87,8 @@ def test_two_rank_fsdp_matches_one_process(tmp_path, tiny_path):
 def test_two_rank_lora_matches_one_process(tmp_path, tiny_path):
     """LoRA under FSDP2: the frozen base and the adapters sharded together, SAM over the adapters only,
     the merged model gathered on rank 0; the same run as one process, and resumable."""
-    args = dict(ARGS, lr=3e-3, lora=4, lora_dropout=0.0, eval_every=1, general_text=_general_text(tmp_path))
+    args = dict(ARGS, lr=3e-3, lora=4, lora_dropout=0.0, eval_every=1, general_text=_general_text(tmp_path),
+                save_model_at=[2])
     finetune.main(finetune.Args(**args, out=str(tmp_path / "one")))
     log = _torchrun(args, tmp_path / "two")
     assert "resumed from" in log and "8,192 trainable parameters" in log
@@ -98,3 +100,7 @@ def test_two_rank_lora_matches_one_process(tmp_path, tiny_path):
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
+    # --save-model-at 2 under FSDP2: gathered, merged on a copy (the final weights above agree)
+    s1, s2 = load_file(tmp_path / "one" / "step2" / "model.safetensors"), load_file(tmp_path / "two" / "step2" / "model.safetensors")
+    assert s1.keys() == w1.keys() and max(float((s1[k] - s2[k]).abs().max()) for k in s1) < 1e-6
+    assert any(not torch.equal(s1[k], w1[k]) for k in s1)           # step 2 of 3, not the end

@@ -77,7 +77,7 @@ def test_topk_kl_is_zero_at_start_and_a_lower_bound_of_the_full_kl(general_file,
 def test_trajectory_points_agree_with_the_saved_models(tmp_path, general_file, tiny_path, capsys):
     out = tmp_path / "run"
     final = finetune.main(finetune.Args(**SMALL, out=str(out), epochs=2, eval_every=2, save_every=2,
-                                        keep_checkpoint=True, general_text=str(general_file)))
+                                        keep_checkpoint=True, general_text=str(general_file), save_model_at=(2,)))
     assert final["steps"] == 4
     rows = common.read_jsonl(out / "trajectory.jsonl")
     assert [r["step"] for r in rows] == [0, 2, 4]
@@ -88,14 +88,14 @@ def test_trajectory_points_agree_with_the_saved_models(tmp_path, general_file, t
     assert rows[-1]["displacement"] > rows[1]["displacement"] > 0
     assert all(len(r["general_nll_passages"]) == len(r["kl_passages"]) == 12 for r in rows)
     assert "probe at step 2 | held-out" in capsys.readouterr().out
-    # recompute: the end point from the final folder, step 2 from the checkpoint's weights
+    # --save-model-at 2 wrote the step-2 model: the checkpoint's weights, as a HF folder
+    step2 = load_file(out / "step2" / "model.safetensors")
+    state = torch.load(out / "checkpoint" / "rank0.pt", weights_only=False)["model"]
+    assert all(torch.equal(step2[k], v) for k, v in state.items() if k in step2) and len(step2) >= 10
+    # recompute: the end point from the final folder, step 2 from the step-2 folder
     kw = dict(start="tiny", general_text=str(general_file), heldout=str(out / "heldout.jsonl"), max_len=64)
     end = probe.main(str(out), **kw)
-    model = common.load_model("tiny")
-    state = torch.load(out / "checkpoint" / "rank0.pt", weights_only=False)["model"]
-    model.load_state_dict(state, strict=False)
-    common.save_model(model, common.load_tokenizer("tiny"), tmp_path / "step2")
-    mid = probe.main(str(tmp_path / "step2"), **kw)
+    mid = probe.main(str(out / "step2"), **kw)
     for got, want in ((mid, rows[1]), (end, rows[2])):
         for key in ("heldout_loss", "general_nll", "kl_to_start", "displacement"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
@@ -106,7 +106,7 @@ def test_lora_trains_only_adapters_and_exports_a_low_rank_merge(tmp_path, tiny_p
     out, r = tmp_path / "lora", 4
     kw = dict(SMALL, epochs=2, lora=r, lora_dropout=0.0, sam=True, rho=0.05, save_every=0,
               eval_every=2, general_text=str(general_file))
-    final = finetune.main(finetune.Args(**kw, out=str(out)))
+    final = finetune.main(finetune.Args(**kw, out=str(out), save_model_at=(2,)))
     rows = common.read_jsonl(out / "metrics.jsonl")
     assert all(abs(x["perturbation_norm"] - 0.05) < 1e-5 for x in rows)     # ||e|| = rho over adapters
     base = load_file(common.resolve_model("tiny") + "/model.safetensors")
@@ -136,7 +136,12 @@ def test_lora_trains_only_adapters_and_exports_a_low_rank_merge(tmp_path, tiny_p
     finetune.main(finetune.Args(**kw, out=str(tmp_path / "b"), stop_after=2))
     finetune.main(finetune.Args(**kw, out=str(tmp_path / "b"), resume=True))
     again = load_file(tmp_path / "b" / "model.safetensors")
-    assert all(torch.equal(again[k], merged[k]) for k in merged)
+    assert all(torch.equal(again[k], merged[k]) for k in merged)   # (and the step-2 export left training alone)
+    # the step-2 export is the merge of the adapters at step 2: probe.py measures what the trajectory did
+    mid = probe.main(str(out / "step2"), start="tiny", general_text=str(general_file),
+                     heldout=str(out / "heldout.jsonl"), max_len=64)
+    assert mid["general_nll"] == pytest.approx(traj[1]["general_nll"], rel=1e-4)
+    assert not (out / "step2" / "adapter_config.json").exists()
     assert [x["step"] for x in common.read_jsonl(tmp_path / "b" / "trajectory.jsonl")] == [0, 2, 4]
     assert math.isclose(common.read_jsonl(tmp_path / "b" / "trajectory.jsonl")[-1]["general_nll"],
                         traj[-1]["general_nll"], rel_tol=1e-5)
@@ -147,3 +152,6 @@ def test_impossible_probe_and_lora_flags_are_refused(tmp_path, tiny_path):
         finetune.main(finetune.Args(**SMALL, out=str(tmp_path / "a"), eval_every=2))
     with pytest.raises(ValueError, match="--lora-targets wq: LlamaForCausalLM has no module"):
         finetune.main(finetune.Args(**SMALL, out=str(tmp_path / "b"), lora=4, lora_targets="wq"))
+    with pytest.raises(ValueError, match=r"--save-model-at 9: this run has steps 1 to 4; give steps in that"):
+        finetune.main(finetune.Args(**SMALL, out=str(tmp_path / "c"), save_model_at=(9,)))
+    assert finetune.parse_args(["--save-model-at", "2", "6"]).save_model_at == [2, 6]

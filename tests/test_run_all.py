@@ -50,7 +50,10 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     expected = [("data.py", out / "general_text.jsonl"), ("evaluate.py", out / "evals/stage1"),
                 ("finetune.py", out / "runs" / runs[0]), ("evaluate.py", out / "evals/stage1_heldout_gsm8k"),
                 ("evaluate.py", out / "evals" / runs[0])]
-    for n in runs[1:]:
+    for n in runs[1:3]:
+        expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+    matched = runs[0] + "_stepK"     # AdamW rerun to the step nearest SAM's held-out loss (known after the runs)
+    for n in (matched, *runs[3:]):
         expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
     for base, alphas in ((name("adamw"), ("0", "0.5", "1")), (name("samBEST"), ("0.5",))):
         for a in alphas:
@@ -71,17 +74,19 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
             n = Path(f["--out"][0]).name
             sam = "_sam" in n
             assert words[-len(train):] == train and f["--model"] == ["tiny"] and f["--data"] == ["gsm8k"]
-            assert f["--epochs"] == ["1" if sam else "2"] and f["--lr"] == ["1e-3"] and f["--seed"] == [n[-1]]
+            assert f["--epochs"] == ["1" if sam else "2"] and f["--lr"] == ["1e-3"]
+            assert f["--seed"] == [n.removesuffix("_stepK")[-1]]
+            assert (f.get("--stop-after"), f.get("--save-model-at")) == ((["K"], ["K"]) if n == matched else (None, None))
             assert ("--sam" in f) == sam and f.get("--rho") == ([n.split("_sam")[1].split("_")[0]] if sam else None)
             assert (f.get("--rehearsal"), f.get("--rehearsal-ratio")) == ((["naturalqs"], ["0.25"]) if "_rh_" in n
                                                                           else (None, None))
             assert f.get("--lora") == (["4"] if "_lora4_" in n else None)
         if sc == "evaluate.py" and "--baseline" in f:          # a stage-2 model: its own held-out items
             n = Path(f["--out"][0]).name
-            run = n.split("_wiseft")[0]
+            run = n.split("_wiseft")[0].removesuffix("_stepK")
             assert f["--baseline"] == [str(out / "evals/stage1")] and f["--limit"] == ["4"]
             assert f["--heldout"] == [str(out / "runs" / run / "heldout.jsonl")]
-            assert f["--model"] == [str(out / "runs" / n)]
+            assert f["--model"] == [str(out / "runs" / n / ("stepK" if n == matched else ""))]
         if sc == "wiseft.py":
             assert f["--base"] == ["tiny"] and f["--out"][0].endswith("_wiseft" + f["--alpha"][0])
             assert f["--finetuned"] == [str(out / "runs" / Path(f["--out"][0]).name.split("_wiseft")[0])]
@@ -106,11 +111,13 @@ def test_smol_dry_run_gives_the_multiple_choice_evaluation_to_the_key_models_onl
             Path(f["--out"][0]).parent == out / "heldout"}
     n = lambda m, sd="0", rh=False: study.run_name("rot13", "1e-3", 1 if "sam" in m else 2, m, sd, rh)
     assert full == {n("adamw"), n("sam0.02"), n("adamw") + "_wiseft0.5", n("sam0.02") + "_wiseft0.5",
-                    n("adamw", rh=True), n("sam0.02", rh=True), study.run_name("naturalqs", "1e-3", 2, "adamw", 0)}
+                    n("adamw", rh=True), n("sam0.02", rh=True), study.run_name("naturalqs", "1e-3", 2, "adamw", 0),
+                    n("adamw") + "_stepK"}             # AdamW at the step of SAM's held-out loss: its Δp
     lora = {"rot13_lr1e-3_e2_adamw_lora8_s0", "rot13_lr1e-3_e1_sam0.02_lora8_s0"}   # LoRA: one more method
     assert held == {n("adamw", "1"), n("adamw", "2"), n("sam0.02", "1"), n("sam0.02", "2")} | lora
     ft = [f for sc, f, _ in plan if sc == "finetune.py"]
-    assert len(ft) == 11 and all(f["--eval-every"] == ["2"] for f in ft)   # 3 + 3 seeds, rh x 2, naturalqs, LoRA x 2
+    assert len(ft) == 12 and all(f["--eval-every"] == ["2"] for f in ft)   # 3 + 3 seeds, matched, rh x 2, naturalqs,
+    #                                                                             LoRA x 2
     assert {Path(f["--out"][0]).name for f in ft if f.get("--lora") == ["8"]} == lora
     # AdamW's Wise-FT curve: alpha 0.25, 0.5, 0.75 probed (0 and 1 are its trajectory's ends), and SAM's 0.5
     assert [Path(f["--out"][0]).parent.name.split("_wiseft")[1] for sc, f, _ in plan if sc == "probe.py"] == \
@@ -126,9 +133,12 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
                                "--data alpaca")
     assert "--epochs 3 --lr 2e-5 --batch-size 128" in lines[0]
     assert all(l.startswith("torchrun --nproc_per_node 16 ") and l.rstrip().endswith("--grad-clip 0.5") for l in ft)
-    adamw = [l for l in ft if "--data open-platypus" in l and "--sam" not in l and "--rehearsal" not in l]
+    adamw = [l for l in ft if "--data open-platypus" in l and "--sam" not in l and "--rehearsal" not in l
+             and "--stop-after" not in l]
     sam = [l for l in ft if "--data open-platypus" in l and "--sam --rho 2 " in l and "--rehearsal" not in l]
     assert len(adamw) == 3 and len(sam) == 3                   # 7B, TinyLlama, 13B
+    rerun = [l for l in ft if "--stop-after K --save-model-at K " in l]         # the 7B AdamW at matched loss
+    assert len(rerun) == 1 and "--data open-platypus --out " in rerun[0] and "_adamw_s0_stepK " in rerun[0]
     assert all("--epochs 2 --lr 5e-6" in l for l in adamw) and all("--epochs 1 --lr 5e-6" in l for l in sam)
     for data in ("sharegpt", "metamath", "auto-wiki"):
         assert any(f"--data {data} " in l for l in ft)

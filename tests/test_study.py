@@ -297,3 +297,40 @@ def test_the_panel_keeps_the_tasks_above_chance_and_reports_their_n():
     assert ab["sciq"]["able"] and not ab["winogrande"]["able"] and ab["sciq"]["n"] == 40
     assert study.general_tasks(items) == ["sciq"]
     assert "sciq 75.0% (chance 25.0%, n 40)" in study.ability_text(items)
+
+
+def test_the_end_point_comparison_evaluates_the_adamw_step_nearest_sams_loss(tmp_path, capsys):
+    import report
+    root = make_study(tmp_path)
+    adamw0, sam0 = study.run_name("gsm8k", "1e-4", 2, "adamw", 0), study.run_name("gsm8k", "1e-4", 1, "sam0.05", 0)
+    _traj(root, sam0, adamw_traj()[:1] + [sam_end(loss=1.6)])       # AdamW passes 1.5 at step 6 (of 8)
+    s = study.settings(root, metric="lp", **S)
+    s.best_rho = "0.05"
+    M = study.measure_study(s)
+    c = study.matched_checkpoint(s)
+    assert (c["step"], c["steps"], c["heldout_loss"], c["target"]) == (6, 8, 1.5, 1.6)
+    assert c["name"] == f"{adamw0}_step6"
+    assert study.matched_dp(s, M)["present"] is False                    # not evaluated yet
+    assert "has no evaluation yet" in report.table_matched_dp(s, study.matched_dp(s, M))[0]
+    argv = ["matched-step", "--out", str(root), "--metric", "lp"] + [
+        x for k, v in S.items() for x in [f"--{k.replace('_', '-')}", *([v] if isinstance(v, str) else v)] if v]
+    study.main(argv)
+    assert capsys.readouterr().out.split() == ["6", f"{adamw0}_step6"]
+    # run_all.sh's rerun folder: args.json, the rerun's trajectory to step 6, the kept model's evaluation
+    _args(root, c["name"], sam=False, rho=2.0, epochs=2, seed=0, stop_after=6)
+    _traj(root, c["name"], adamw_traj()[:4])
+    _eval(root / "evals" / c["name"], 0.3, [1.5] * 6, 0.45, 0)
+    D = study.matched_dp(s, M)
+    # same seeded spread per item: SAM (lp drop 0.1) minus AdamW at step 6 (drop 0.3) = +0.2 on every item
+    assert D["diff"]["mean"] == pytest.approx(0.2) and D["diff"]["n"] == 16 and D["side"] == "less"
+    assert D["sam_dp"]["mean"] == pytest.approx(-0.1) and D["adamw_dp"]["mean"] == pytest.approx(-0.3)
+    assert D["adamw_end_dp"]["mean"] == pytest.approx(-0.5) and D["rerun_heldout_loss"] == 1.5
+    md = "\n".join(report.table_matched_dp(s, D))
+    assert "| AdamW (seed 0) at step 6 of 8 | 1.500 | 1.500 | -0.300 ± 0.000 |" in md
+    assert "Δlp +0.200 ± 0.000 (16 items" in md and "SAM lost less multiple-choice ability" in md
+    assert "reproduced the run: held-out loss 1.5000 against 1.5000" in md
+    # SAM at AdamW's end or start needs no rerun: the run itself, or the stage-1 model
+    _traj(root, sam0, adamw_traj()[:1] + [sam_end(loss=0.9)])
+    assert study.matched_checkpoint(s)["name"] == adamw0
+    _traj(root, sam0, adamw_traj()[:1] + [sam_end(loss=3.1)])
+    assert study.matched_checkpoint(s)["name"] == "stage1"
