@@ -34,7 +34,7 @@ case $PROFILE in
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
     : "${MODEL:=smollm2-135m}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
     : "${MAX_LEN:=256}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then  # sized for 45 min on a quiet 2-core CPU in fp32 (estimated from per-step costs)
+    if [[ $PROFILE == smol ]]; then  # 35m24s on a quiet 2-core EPYC with AVX512-BF16 (bf16), 2026-12-02
       # 10 items of the tasks SmolLM2-135M is at chance on (the paper's categories, marked as noise), the
       # multiple-choice budget on those it can do (HellaSwag, ARC-Easy, PIQA, COPA, SciQ; CSQA, WinoGrande,
       # SST-2, MRPC, CB and MedMCQA measured at or near chance); forgetting along training: 32 passages, a

@@ -119,76 +119,63 @@ def _triton_ok(*ts) -> bool:
 
 # ----------------------------------------------------------------------------- Triton kernels
 # Plain functions, decorated with triton.jit on first use (see _jit). Every program handles one
-# chunk of BLOCK * ITERS elements of one tensor; `chunks` holds (tensor index, first element).
-# Loads and stores are masked against n rounded down to VEC elements, so the compiler can use
-# 16-byte vector accesses (a mask against an arbitrary n forbids them); the tensor's last chunk
-# then handles the < VEC trailing elements with a short masked tail. The loop bounds use plain
-# arithmetic rather than tl.cdiv/tl.minimum: each nested jit call costs the interpreter ~5 ms.
+# chunk of at most BLOCK * ITERS elements of one tensor; the chunk table holds, per program, the
+# tensor's index, the chunk's first element and its end. The chunks cover each tensor's first
+# n - n % VEC elements, so every mask bound is a multiple of VEC and the compiler can use 16-byte
+# vector accesses (a mask against an arbitrary n forbids them); the few trailing elements of a
+# tensor whose size is not a multiple of VEC go through the torch reference on views (_tails).
+# Every kernel finds its chunk with _chunk, passed in as CHUNK = _jit(_chunk) so that it is made
+# under the same interpreter setting as the kernel; loop bounds use plain arithmetic rather than
+# tl.cdiv, since each nested jit call costs the interpreter about 2 ms per program.
 
-def _sumsq_kernel(ptrs, n_tensors, numels, chunks, partials, n_chunks,
-                  X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, WEIGHTED: tl.constexpr,
-                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                  VEC: tl.constexpr):
+def _chunk(chunks, n_chunks, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """(tensor index, first element, end, number of BLOCKs) of this program's chunk."""
     pid = tl.program_id(0)
-    t = tl.load(chunks + pid)
     start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
-    n = tl.load(numels + t)
-    n_vec = (n // VEC) * VEC
-    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(X_DTYPE))
-    w_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        w_ptr = tl.multiple_of(w_ptr, 16)
+    stop = tl.multiple_of(tl.load(chunks + 2 * n_chunks + pid), VEC)
+    return tl.load(chunks + pid), start, stop, (stop - start + BLOCK - 1) // BLOCK
+
+
+def _sumsq_kernel(ptrs, n_tensors, chunks, partials, n_chunks,
+                  X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, WEIGHTED: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr):
+    # partials[pid] = sum x^2; WEIGHTED adds sum (|w| x)^2 and sum (w^2 x)^2 in rows 1 and 2
     acc_g = tl.full([BLOCK], 0.0, tl.float32)
     acc_wg = tl.full([BLOCK], 0.0, tl.float32)
     acc_wwg = tl.full([BLOCK], 0.0, tl.float32)
-    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
-    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+    t, start, stop, n_blocks = CHUNK(chunks, n_chunks, BLOCK, VEC)
+    x_ptr = tl.multiple_of(tl.load(ptrs + t).to(tl.pointer_type(X_DTYPE)), ALIGN)
+    w_ptr = tl.multiple_of(tl.load(ptrs + n_tensors + t).to(tl.pointer_type(W_DTYPE)), ALIGN)
+    for i in range(n_blocks):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_vec
+        mask = offs < stop
         g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc_g += g * g
         if WEIGHTED:
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc_wg += (w * g) * (w * g)
             acc_wwg += (w * w * g) * (w * w * g)
-    offs = n_vec + tl.arange(0, VEC)
-    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
-    g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # tl.reduce with tl.sum's own combine function, not tl.sum: tl.sum is a jit function made when
     # triton was imported, which the interpreter cannot call if that was not under TRITON_INTERPRET
-    tl.store(partials + pid, tl.reduce(acc_g, 0, tl.standard._sum_combine)
-             + tl.reduce(g * g, 0, tl.standard._sum_combine))
-    if WEIGHTED:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(partials + n_chunks + pid, tl.reduce(acc_wg, 0, tl.standard._sum_combine)
-                 + tl.reduce((w * g) * (w * g), 0, tl.standard._sum_combine))
-        tl.store(partials + 2 * n_chunks + pid, tl.reduce(acc_wwg, 0, tl.standard._sum_combine)
-                 + tl.reduce((w * w * g) * (w * w * g), 0, tl.standard._sum_combine))
-
-
-def _perturb_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr,
-                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
-                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                    VEC: tl.constexpr):
-    # b <- w; w += s * g (s * w^2 * g when ADAPTIVE), with s = scale[0] from perturb_scale
     pid = tl.program_id(0)
-    t = tl.load(chunks + pid)
-    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
-    n = tl.load(numels + t)
-    n_vec = (n // VEC) * VEC
-    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE))
-    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    b_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE))
-    if ALIGNED:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
+    tl.store(partials + pid, tl.reduce(acc_g, 0, tl.standard._sum_combine))
+    if WEIGHTED:
+        tl.store(partials + n_chunks + pid, tl.reduce(acc_wg, 0, tl.standard._sum_combine))
+        tl.store(partials + 2 * n_chunks + pid, tl.reduce(acc_wwg, 0, tl.standard._sum_combine))
+
+
+def _perturb_kernel(ptrs, n_tensors, chunks, n_chunks, scale_ptr,
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
+                    ALIGN: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr):
+    # b <- w; w += s * g (s * w^2 * g when ADAPTIVE), with s = scale[0] from perturb_scale
+    t, start, stop, n_blocks = CHUNK(chunks, n_chunks, BLOCK, VEC)
+    w_ptr = tl.multiple_of(tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE)), ALIGN)
+    g_ptr = tl.multiple_of(tl.load(ptrs + n_tensors + t).to(tl.pointer_type(G_DTYPE)), ALIGN)
+    b_ptr = tl.multiple_of(tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(W_DTYPE)), ALIGN)
     s = tl.load(scale_ptr)
-    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
-    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+    for i in range(n_blocks):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_vec
+        mask = offs < stop
         w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(b_ptr + offs, w_raw, mask=mask)
         w = w_raw.to(tl.float32)
@@ -196,67 +183,32 @@ def _perturb_kernel(ptrs, n_tensors, numels, chunks, n_chunks, scale_ptr,
         if ADAPTIVE:
             e = e * w * w
         tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
-    offs = n_vec + tl.arange(0, VEC)                       # the tail, as above
-    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
-    w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(b_ptr + offs, w_raw, mask=mask)
-    w = w_raw.to(tl.float32)
-    e = s * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ADAPTIVE:
-        e = e * w * w
-    tl.store(w_ptr + offs, (w + e).to(W_DTYPE), mask=mask)
 
 
-def _add_kernel(ptrs, n_tensors, numels, chunks, n_chunks, alpha_ptr,
-                W_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
+def _add_kernel(ptrs, n_tensors, chunks, n_chunks, alpha_ptr,
+                W_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr):
     # w += alpha[0] * d, in fp32, rounded once to w's dtype
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid)
-    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
-    n = tl.load(numels + t)
-    n_vec = (n // VEC) * VEC
-    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE))
-    d_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(D_DTYPE))
-    if ALIGNED:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        d_ptr = tl.multiple_of(d_ptr, 16)
     a = tl.load(alpha_ptr)
-    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
-    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+    t, start, stop, n_blocks = CHUNK(chunks, n_chunks, BLOCK, VEC)
+    w_ptr = tl.multiple_of(tl.load(ptrs + t).to(tl.pointer_type(W_DTYPE)), ALIGN)
+    d_ptr = tl.multiple_of(tl.load(ptrs + n_tensors + t).to(tl.pointer_type(D_DTYPE)), ALIGN)
+    for i in range(n_blocks):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_vec
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(w_ptr + offs, (w + a * d).to(W_DTYPE), mask=mask)
-    offs = n_vec + tl.arange(0, VEC)
-    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(w_ptr + offs, (w + a * d).to(W_DTYPE), mask=mask)
+        w = tl.load(w_ptr + offs, mask=offs < stop, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + offs, mask=offs < stop, other=0.0).to(tl.float32)
+        tl.store(w_ptr + offs, (w + a * d).to(W_DTYPE), mask=offs < stop)
 
 
-def _copy_kernel(ptrs, n_tensors, numels, chunks, n_chunks, DTYPE: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                 VEC: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid)
-    start = tl.multiple_of(tl.load(chunks + n_chunks + pid), BLOCK)
-    n = tl.load(numels + t)
-    n_vec = (n // VEC) * VEC
-    dst = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    src = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        dst = tl.multiple_of(dst, 16)
-        src = tl.multiple_of(src, 16)
-    n_blocks = (n_vec - start + BLOCK - 1) // BLOCK
-    for i in range(tl.where(n_blocks > ITERS, ITERS, n_blocks)):
+def _copy_kernel(ptrs, n_tensors, chunks, n_chunks, DTYPE: tl.constexpr,
+                 ALIGN: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr):
+    # dst <- src, bit for bit (restore_)
+    t, start, stop, n_blocks = CHUNK(chunks, n_chunks, BLOCK, VEC)
+    dst = tl.multiple_of(tl.load(ptrs + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    src = tl.multiple_of(tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    for i in range(n_blocks):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_vec
-        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-    offs = n_vec + tl.arange(0, VEC)
-    mask = offs < tl.where(start + BLOCK * ITERS >= n, n, n_vec)     # only the last chunk
-    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < stop), mask=offs < stop)
 
 
 _JITTED = {}
@@ -293,28 +245,50 @@ def _cached(key, make):
 
 
 def _launch_tables(lists):
-    """(pointer table [k*T], numels [T], chunk table [2*P], P, aligned) for parallel lists."""
+    """(pointer table [k*T], chunk table [3*P], P, alignment 16 or 1) for parallel lists: the chunks cover each
+    tensor's first n - n % VEC elements in pieces of at most BLOCK * ITERS (tensor, start, stop)."""
     first = lists[0]
     device = first[0].device
     numels = tuple(t.numel() for t in first)
     per = BLOCK * ITERS
 
     def make_chunks():
-        tensor_ids, starts = [], []
+        tensor_ids, starts, stops = [], [], []
         for i, n in enumerate(numels):
-            for s in range(0, n, per):
+            n_vec = n - n % VEC
+            for s in range(0, n_vec, per):
                 tensor_ids.append(i)
                 starts.append(s)
-        return _to_device(tensor_ids + starts, device) + (len(starts),)
+                stops.append(min(s + per, n_vec))
+        return _to_device(tensor_ids + starts + stops, device) + (len(starts),)
 
-    chunk_entry = ("chunks", device, numels, per)
+    chunk_entry = ("chunks", device, numels, per, VEC)
     chunks = _cached(chunk_entry, make_chunks)
     n_chunks = _TABLES[chunk_entry][2]
     ptr_values = [t.data_ptr() for ts in lists for t in ts]
     ptrs = _cached(("ptrs", device, tuple(ptr_values)), lambda: _to_device(ptr_values, device))
-    sizes = _cached(("numels", device, numels), lambda: _to_device(list(numels), device))
-    aligned = all(p % 16 == 0 for p in ptr_values)
-    return ptrs, sizes, chunks, n_chunks, aligned
+    align = 16 if all(p % 16 == 0 for p in ptr_values) else 1      # the pointers' known alignment
+    return ptrs, chunks, n_chunks, align
+
+
+def _kernel_groups(lists, choice, reference, same_dtype=False):
+    """The (device, dtype) groups of parallel lists that run a kernel, with their launch tables:
+    yields (group, (ptrs, chunks, n_chunks, align)). Groups that cannot (CPU tensors without the
+    interpreter, unsupported dtypes, non-contiguous tensors) go to reference(*group) whole, and the
+    trailing n % VEC elements of the others to reference(*views)."""
+    for idx in _groups(*lists):
+        group = [[ts[i] for i in idx] for ts in lists]
+        flat = [t for g in group for t in g]
+        if not _triton_ok(*flat) or not _kernel_runs_on(flat[0].device, choice) \
+                or (same_dtype and len({t.dtype for t in flat}) > 1):
+            reference(*group)
+            continue
+        keep = [i for i, t in enumerate(group[0]) if t.numel() % VEC]
+        if keep:
+            reference(*[[ts[i].view(-1)[ts[i].numel() - ts[i].numel() % VEC:] for i in keep] for ts in group])
+        tables = _launch_tables(group)
+        if tables[2]:
+            yield group, tables
 
 
 def _launch_opts(device):
@@ -397,78 +371,52 @@ def _sums_triton(xs, ws, weighted: bool, choice: str) -> torch.Tensor:
     """fp32 [3] (weighted) or [1] sums over all (device, dtype) groups, on the first device."""
     device = xs[0].device if xs else torch.device("cpu")
     total = torch.zeros(3 if weighted else 1, dtype=torch.float32, device=device)
-    for idx in _groups(xs, ws):
-        gx, gw = [xs[i] for i in idx], [ws[i] for i in idx]
-        if not _triton_ok(*gx, *gw) or not _kernel_runs_on(gx[0].device, choice):
-            part = _asam_sums_torch(gx, gw) if weighted else _sum_squares_torch(gx).reshape(1)
-            total += part.to(device)
-            continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gx, gw])
-        if not n_chunks:
-            continue
-        partials = torch.empty((3 if weighted else 1, n_chunks), dtype=torch.float32,
-                               device=gx[0].device)
+
+    def reference(gx, gw):
+        total.add_((_asam_sums_torch(gx, gw) if weighted else _sum_squares_torch(gx).reshape(1)).to(device))
+    for (gx, gw), (ptrs, chunks, n_chunks, align) in _kernel_groups([xs, ws], choice, reference):
+        partials = torch.empty((3 if weighted else 1, n_chunks), dtype=torch.float32, device=gx[0].device)
         with _on(gx[0].device):
             _jit(_sumsq_kernel)[(n_chunks,)](
-                ptrs, len(gx), sizes, chunks, partials, n_chunks,
+                ptrs, len(gx), chunks, partials, n_chunks,
                 X_DTYPE=_TL_DTYPES[gx[0].dtype], W_DTYPE=_TL_DTYPES[gw[0].dtype], WEIGHTED=weighted,
-                ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(gx[0].device))
+                ALIGN=align, BLOCK=BLOCK, VEC=VEC, CHUNK=_jit(_chunk), **_launch_opts(gx[0].device))
         total += partials.sum(dim=1).to(device)
     return total
 
 
 def _copy_triton(params, backups, choice):
-    for idx in _groups(params, backups):
-        ps, bs = [params[i] for i in idx], [backups[i] for i in idx]
-        if not _triton_ok(*ps, *bs) or ps[0].dtype != bs[0].dtype \
-                or not _kernel_runs_on(ps[0].device, choice):
-            torch._foreach_copy_(ps, bs)
-            continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([ps, bs])
-        if not n_chunks:
-            continue
+    for (ps, bs), (ptrs, chunks, n_chunks, align) in _kernel_groups(
+            [params, backups], choice, torch._foreach_copy_, same_dtype=True):
         with _on(ps[0].device):
-            _jit(_copy_kernel)[(n_chunks,)](ptrs, len(ps), sizes, chunks, n_chunks,
-                                            DTYPE=_TL_DTYPES[ps[0].dtype], ALIGNED=aligned,
-                                            BLOCK=BLOCK, ITERS=ITERS, VEC=VEC,
+            _jit(_copy_kernel)[(n_chunks,)](ptrs, len(ps), chunks, n_chunks, DTYPE=_TL_DTYPES[ps[0].dtype],
+                                            ALIGN=align, BLOCK=BLOCK, VEC=VEC, CHUNK=_jit(_chunk),
                                             **_launch_opts(ps[0].device))
 
 
 def _perturb_triton(ws, gs, bs, scale, adaptive, choice):
-    for idx in _groups(ws, gs):
-        gw, gg, gb = [ws[i] for i in idx], [gs[i] for i in idx], [bs[i] for i in idx]
+    reference = lambda w, g, b: _perturb_torch(w, g, b, scale, adaptive)
+    for (gw, gg, _), (ptrs, chunks, n_chunks, align) in _kernel_groups([ws, gs, bs], choice, reference):
         device = gw[0].device
-        if not _triton_ok(*gw, *gg, *gb) or not _kernel_runs_on(device, choice):
-            _perturb_torch(gw, gg, gb, scale, adaptive)
-            continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gg, gb])
-        if not n_chunks:
-            continue
         with _on(device):
             _jit(_perturb_kernel)[(n_chunks,)](
-                ptrs, len(gw), sizes, chunks, n_chunks, scale.to(device),
+                ptrs, len(gw), chunks, n_chunks, scale.to(device),
                 W_DTYPE=_TL_DTYPES[gw[0].dtype], G_DTYPE=_TL_DTYPES[gg[0].dtype], ADAPTIVE=adaptive,
-                ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(device))
+                ALIGN=align, BLOCK=BLOCK, VEC=VEC, CHUNK=_jit(_chunk), **_launch_opts(device))
 
 
 def _add_triton(ws, ds, alpha, choice):
-    for idx in _groups(ws, ds):
-        gw, gd = [ws[i] for i in idx], [ds[i] for i in idx]
+    reference = lambda w, d: _add_torch(w, d, alpha)
+    for (gw, gd), (ptrs, chunks, n_chunks, align) in _kernel_groups([ws, ds], choice, reference):
         device = gw[0].device
-        if not _triton_ok(*gw, *gd) or not _kernel_runs_on(device, choice):
-            _add_torch(gw, gd, alpha)
-            continue
-        ptrs, sizes, chunks, n_chunks, aligned = _launch_tables([gw, gd])
-        if not n_chunks:
-            continue
         # the kernel reads alpha from the device: a float becomes a 0-dim tensor (a fill, no sync)
         a = alpha.to(device, torch.float32) if isinstance(alpha, torch.Tensor) \
             else torch.full((), float(alpha), dtype=torch.float32, device=device)
         with _on(device):
             _jit(_add_kernel)[(n_chunks,)](
-                ptrs, len(gw), sizes, chunks, n_chunks, a,
-                W_DTYPE=_TL_DTYPES[gw[0].dtype], D_DTYPE=_TL_DTYPES[gd[0].dtype], ALIGNED=aligned,
-                BLOCK=BLOCK, ITERS=ITERS, VEC=VEC, **_launch_opts(device))
+                ptrs, len(gw), chunks, n_chunks, a,
+                W_DTYPE=_TL_DTYPES[gw[0].dtype], D_DTYPE=_TL_DTYPES[gd[0].dtype], ALIGN=align,
+                BLOCK=BLOCK, VEC=VEC, CHUNK=_jit(_chunk), **_launch_opts(device))
 
 
 # ----------------------------------------------------------------------------- torch reference

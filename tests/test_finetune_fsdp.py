@@ -101,6 +101,6 @@ def test_two_rank_lora_matches_one_process(tmp_path, tiny_path):
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
     # --save-model-at 2 under FSDP2: gathered, merged on a copy (the final weights above agree)
-    s1, s2 = load_file(tmp_path / "one" / "step2" / "model.safetensors"), load_file(tmp_path / "two" / "step2" / "model.safetensors")
+    s1, s2 = (load_file(tmp_path / run / "step2" / "model.safetensors") for run in ("one", "two"))
     assert s1.keys() == w1.keys() and max(float((s1[k] - s2[k]).abs().max()) for k in s1) < 1e-6
     assert any(not torch.equal(s1[k], w1[k]) for k in s1)           # step 2 of 3, not the end
