@@ -343,3 +343,40 @@ def test_sam_takes_the_same_steps_through_either_kernel_path(monkeypatch):
     close(weights["triton"], weights["torch"], torch.float32)
     # the kernels really ran: compiled on a GPU, interpreted on CPU
     assert ("_perturb_kernel", not ON_GPU) in sam_perturb._JITTED
+
+
+COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import sam_perturb as K
+assert not K._interpreting()
+chunk, common = K._jit(K._chunk), {"ptrs": "*i64", "n_tensors": "i32", "chunks": "*i64"}
+cases = {
+    "_perturb_kernel": ({**common, "n_chunks": "i32", "scale_ptr": "*fp32"},
+                        dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, ADAPTIVE=True)),
+    "_add_kernel": ({**common, "n_chunks": "i32", "alpha_ptr": "*fp32"}, dict(W_DTYPE=tl.float32, D_DTYPE=tl.float16)),
+    "_copy_kernel": ({**common, "n_chunks": "i32"}, dict(DTYPE=tl.float32)),
+    "_sumsq_kernel": ({**common, "partials": "*fp32", "n_chunks": "i32"},
+                      dict(X_DTYPE=tl.float32, W_DTYPE=tl.bfloat16, WEIGHTED=True)),
+}
+for name, (sig, const) in cases.items():
+    fn = K._jit(getattr(K, name))
+    const = {**const, "ALIGN": 16, "BLOCK": K.BLOCK, "VEC": K.VEC, "CHUNK": chunk}
+    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in const}},
+                    {(fn.arg_names.index(k),): v for k, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    print(name, "vector" if ".v4." in ptx or ".v2." in ptx else "scalar")     # ld/st.global.v4.b32 etc.
+"""
+
+
+@needs_triton
+def test_kernels_compile_for_a_gpu_with_vector_accesses():
+    """Compiled Triton (not the interpreter) on a machine without a GPU: every kernel, with the CHUNK
+    helper passed as a constexpr, lowers to PTX for sm_90, and the aligned kernels use vector loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = dict(line.split() for line in proc.stdout.splitlines())
+    assert got == {k: "vector" for k in ("_perturb_kernel", "_add_kernel", "_copy_kernel", "_sumsq_kernel")}, got
