@@ -72,6 +72,7 @@ class Args:
     micro_batch_size: int = opt(4, "examples per forward, per rank")
     max_len: int = opt(512, "tokens per example (longer ones are cut)")
     warmup_ratio: float = opt(0.03, "share of the steps with linear warmup (then cosine to 0)")
+    warmup_steps: int | None = opt(None, "linear warmup steps (overrides --warmup-ratio)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     seed: int = opt(0, "seed of the data order and the held-out split's complement")
     rehearsal: str | None = opt(None, "old data mixed into --data (per dataset)")
@@ -151,7 +152,8 @@ def main(args: Args) -> dict:
     kw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=True)
     opt = SAM(params, torch.optim.AdamW, rho=args.rho, adaptive=args.adaptive, interval=args.sam_interval,
               **kw) if args.sam else torch.optim.AdamW(params, **kw)
-    sched = cosine_with_warmup(opt, max(1, math.ceil(args.warmup_ratio * total)), total)
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total)
+    sched = cosine_with_warmup(opt, min(total, max(1, warmup)), total)
     common.log(f"{world} rank(s) on {device.type}, {precision} compute over fp32 weights, {total} steps of "
                f"{args.batch_size} examples ({per_step // world} micro-batches of {args.micro_batch_size} "
                f"per rank), {sum(p.numel() for p in params):,} trainable parameters")
