@@ -163,16 +163,14 @@ def main(args: Args) -> dict:
         meta = checkpoint.load(out, model, opt, sched, dataclasses.asdict(args))
         start, summary = meta["step"], meta["summary"]
         common.log(f"resumed from {out}/checkpoint at step {start}")
-    else:
-        summary["heldout_loss_start"] = probe.heldout_loss(model, held, args.micro_batch_size,
-                                                           tokenizer.pad_token_id, ctx, device)
     if common.is_main():                        # after a refused resume, args.json stays the old run's
         common.write_json(out / "args.json", {**dataclasses.asdict(args), "world": world,
                                               "compute_precision": precision})
     rows = read_log(out / "metrics.jsonl", start)
     probes = Probes(args, model, tokenizer, held, ctx, device, out, start) if args.eval_every else None
-    if probes and start == 0:
-        probes.take(0, 0.0)
+    if start == 0:      # the held-out loss at the start: the probe's, when it runs (one pass, not two)
+        summary["heldout_loss_start"] = probes.take(0, 0.0)["heldout_loss"] if probes else probe.heldout_loss(
+            model, held, args.micro_batch_size, tokenizer.pad_token_id, ctx, device)
 
     # the loop: one optimizer step = every micro-batch of the step, once (AdamW) or twice (SAM)
     plan, plan_epoch, t0 = None, -1, time.time()
@@ -214,7 +212,7 @@ def main(args: Args) -> dict:
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log_line(row, total, (time.time() - t0) / (step + 1 - start))
         if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-            probes.take(step + 1, row["elapsed"])
+            last_point = probes.take(step + 1, row["elapsed"])
         if step + 1 in args.save_model_at:                 # e.g. the model at a matched held-out loss
             checkpoint.save_model_at(out / f"step{step + 1}", model, tokenizer)
         stop = args.stop_after is not None and args.stop_after <= step + 1 < total
@@ -231,8 +229,8 @@ def main(args: Args) -> dict:
     seconds = sum(r["step_time"] for r in rows)
     summary.update(final_loss=rows[-1]["loss"], elapsed_s=rows[-1]["elapsed"],
                    tokens_per_s=sum(r["tokens"] for r in rows) / max(1e-9, seconds),
-                   heldout_loss_end=probe.heldout_loss(model, held, args.micro_batch_size,
-                                                       tokenizer.pad_token_id, ctx, device))
+                   heldout_loss_end=last_point["heldout_loss"] if probes else probe.heldout_loss(
+                       model, held, args.micro_batch_size, tokenizer.pad_token_id, ctx, device))
     checkpoint.save_final(out, model, tokenizer)
     final = {**summary, "heldout_items": len(held), "steps": total, "steps_per_epoch": spe,
              "data_stats": stats, "compute_precision": precision, "optimizer": "SAM" if args.sam else "AdamW",
@@ -457,6 +455,7 @@ class Probes:
         common.log(f"probe at step {step} | held-out {row['heldout_loss']:.4f} | general NLL "
                    f"{row['general_nll']:.4f} | KL {row['kl_to_start']:.4f} | moved {row['displacement']:.3g} "
                    f"| {row['probe_s']:.1f}s")
+        return row
 
 
 def read_log(path: Path, upto: int) -> list:

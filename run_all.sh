@@ -27,30 +27,35 @@ case $PROFILE in
     : "${BATCH:=8}" "${MICRO:=4}" "${CANDIDATES:=jeopardy:1e-3:2}" "${RHOS:=0.05 2}"
     : "${SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=gsm8k}" "${LS_STEPS:=3}" "${LS_BATCHES:=1}"
     : "${LS_BATCH_SIZE:=2}" "${EVAL_EVERY:=1}" "${GENERAL_N:=8}" "${LORA:=4}" "${DP_EVAL:=all}"
-    : "${WISEFT_ALPHAS:=0 0.5 1}"
+    : "${WISEFT_ALPHAS:=0 0.5 1}" "${LRS:=3e-4 3e-3}" "${SAM_LR2:=3e-3}" "${FP32_SEEDS:=}"
     : "${COSTS:=20 15 10 15 8 8}" ;;
   smol|smol-full)
     # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
     : "${MODEL:=smollm2-135m}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
-    : "${MAX_LEN:=256}" "${MICRO:=8}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then  # 35m24s on a quiet 2-core EPYC with AVX512-BF16 (bf16), 2026-12-02
-      # 10 items of the tasks SmolLM2-135M is at chance on (the paper's categories, marked as noise), the
-      # multiple-choice budget on those it can do (HellaSwag, ARC-Easy, PIQA, COPA, SciQ; CSQA, WinoGrande,
-      # SST-2, MRPC, CB and MedMCQA measured at or near chance); forgetting along training: 32 passages, a
-      # point every 2 of the 8 AdamW steps; Wise-FT's alpha 0 and 1 are the trajectory's ends
-      : "${TASKS:=paper arc_easy piqa sciq}"
-      : "${LIMIT:=10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80}" "${TRAIN_LIMIT:=32}" "${BATCH:=8}"
-      : "${HELDOUT:=32}" "${CANDIDATES:=rot13:1e-3:2}" "${RHOS:=0.02}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=}"
-      : "${DISTANCE_NEAR:=naturalqs}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=2}" "${GENERAL_N:=32}"
-      : "${LORA:=8}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}" "${COSTS:=175 85 20 60 15 30}"
+    : "${MAX_LEN:=256}" "${LS_BATCH_SIZE:=8}"
+    if [[ $PROFILE == smol ]]; then
+      # The verdict against AdamW's learning-rate frontier (verdict.py), sized for <= 45 minutes on a 2-core
+      # CPU (BENCHMARKS.md has the measured time): rot13 (chosen by measurement: docs/findings.md, 2026-12-04),
+      # 16 items in steps of 4 (AdamW 8 steps, SAM 4), AdamW at 3 learning rates over 10x, SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
+      # at lr 3e-4 and 1e-3, the schedule control, 6 seeds; every run warms up 2 steps and anneals (cosine)
+      # to 0; fp32 compute on 2 seeds; multiple choice for the first seed's key models only (a small panel of
+      # the tasks SmolLM2-135M is above chance on); no landscapes, distance data or Δp rerun (smol-full).
+      : "${TASKS:=hellaswag arc_easy sciq}" "${LIMIT:=40}" "${TRAIN_LIMIT:=16}" "${BATCH:=4}" "${MICRO:=4}"
+      : "${HELDOUT:=32}" "${CALIBRATE:=0}" "${STAGE2_DATA:=rot13}" "${STAGE2_LR:=3e-4}"
+      : "${LRS:=1e-4 1e-3}" "${SAM_LR2:=1e-3}" "${RHOS:=0.02}" "${SEEDS:=6}"
+      : "${FEW_SEEDS:=0}" "${FP32_SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=}" "${LANDSCAPES:=0}"
+      : "${MATCHED_DP:=0}" "${SAM2_SEEDS:=0 1 2}" "${SEED_EVALS:=0}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=8}" "${GENERAL_N:=32}"
+      : "${LORA:=8}" "${LORA_LR:=1e-3}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}"
+      : "${COSTS:=60 70 15 60 15 20}"
     else
       : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
-      : "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
+      : "${MICRO:=8}" "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
       : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 mt-mbpp-haskell:1e-3:2 jeopardy:1e-3:2 rot13:1e-3:2}"
       : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=jeopardy gsm8k}"
       : "${DISTANCE_NEAR:=naturalqs gsm8k mt-mbpp-haskell}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
-      : "${COSTS:=600 300 30 300 15 40}"
+      : "${LRS:=1e-4 3e-4 5e-4 1e-3}" "${SAM_LR2:=1e-3}" "${FEW_SEEDS:=0 1 2 3 4 5}" "${FP32_SEEDS:=0 1}"
+      : "${STAGE2_LR:=3e-4}" "${LORA_LR:=1e-3}" "${COSTS:=600 300 30 300 15 40}"
     fi ;;
   paper)
     : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${STAGE1_DATA:=alpaca}" "${STAGE1_ARGS:=--epochs 3 --lr 2e-5}"
@@ -71,6 +76,12 @@ esac
 : "${DISTANCE_DATA:=}" "${REHEARSAL_DATA:=naturalqs}" "${REHEARSAL_RATIO:=0.25}" "${WISEFT_ALPHA:=0.5}"
 : "${LANDSCAPE_DATA:=$REHEARSAL_DATA}" "${LS_RANGE:=0.1}" "${LS_DTYPE:=$DTYPE}" "${TORCHRUN_ARGS:=}"
 : "${WISEFT_ALPHAS:=0 0.25 0.5 0.75 1}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=}" "${DP_EVAL:=all}"
+# the frontier: AdamW's learning rates (besides STAGE2_LR), SAM's second learning rate, the seeds of the runs
+# that are not the verdict's (rehearsal, LoRA, Wise-FT's alpha curve, SAM at SAM_LR2 get FEW_SEEDS, at most
+# 3 of SEEDS: reported, not judged, below 3), the seeds replicated in fp32 compute, and each run's warmup
+: "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_SEEDS:=}" "${WARMUP:=2}" "${LORA_LR:=}"
+: "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}"
+FRONTIER_ONLY=0                       # 1 while stage2 runs fine-tunes that need no evaluation of their own
 [[ $DP_EVAL == all || $DP_EVAL == key ]] || { echo "run_all.sh: error: DP_EVAL=$DP_EVAL; use all (every \
 model gets the multiple-choice evaluation) or key (the first seed's models of the tables)." >&2; exit 2; }
 [[ $LIMIT != 0 && $LIMIT != all ]] || LIMIT=              # 0 or all: every item
@@ -80,6 +91,7 @@ if [[ $SEEDS =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then  # one number N: N see
 or a list of seeds (SEEDS=\"0 7\")." >&2; exit 2; }
   SEEDS=$(seq -s ' ' 0 $((SEEDS - 1)))
 fi
+: "${SAM2_SEEDS:=${SEEDS%% *}}"
 if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 fi
@@ -94,7 +106,8 @@ else
   LAUNCH=("$PYTHON")
 fi
 TRAIN=(--batch-size "$BATCH" --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --heldout "$HELDOUT"
-       --precision "$PRECISION" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
+       --precision "$PRECISION" --warmup-steps "$WARMUP" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
+ROOT_ARGS=()                          # extra finetune.py flags of one sub-study (fp32: --precision fp32)
 GENERAL=$OUT/general_text.jsonl       # the old-knowledge text every trajectory point and probe measures
 TRAJ=(--eval-every "$EVAL_EVERY" --general-text "$GENERAL")
 read -ra TASK_LIST <<<"$TASKS"
@@ -159,17 +172,21 @@ evaluate() {  # evaluate ROOT NAME MODEL HELDOUT_FILE: general tasks + held-out 
 # stage2 ROOT DATA adamw|sam<rho> SEED [rh|lora<r>] [key]: one fine-tune of STAGE1 logging its trajectory,
 # then its evaluations: the multiple-choice one when DP_EVAL=all or the run is `key` (a table needs its Δp),
 # else the held-out loss only (heldout/<name>: the in-domain gain)
+# An optional 7th and 8th argument set the learning rate (default STAGE2_LR) and the epochs (default: AdamW
+# STAGE2_EPOCHS, SAM half); ROOT_ARGS go to the fine-tune too (the fp32 sub-study's --precision fp32).
 stage2() {
-  local root=$1 data=$2 method=$3 seed=$4 tag=${5:-} key=${6:-} epochs=$STAGE2_EPOCHS opt=()
+  local root=$1 data=$2 method=$3 seed=$4 tag=${5:-} key=${6:-} lr=${7:-$STAGE2_LR} epochs=$STAGE2_EPOCHS opt=()
   if [[ $method == sam* ]]; then epochs=$((STAGE2_EPOCHS / 2)) opt=(--sam --rho "${method#sam}"); fi
+  epochs=${8:-$epochs}
   [[ $tag != rh ]] || opt+=(--rehearsal "$REHEARSAL_DATA" --rehearsal-ratio "$REHEARSAL_RATIO")
   [[ $tag != lora* ]] || opt+=(--lora "${tag#lora}")
   local name run held
-  name=$(run_name "$data" "$STAGE2_LR" "$epochs" "$method" "$seed" "$tag")
+  name=$(run_name "$data" "$lr" "$epochs" "$method" "$seed" "$tag")
   run=$root/runs/$name held=$root/runs/$name/heldout.jsonl
   step "$C_FT" "$run/final.json" "finetune $(where "$root")$name" "${LAUNCH[@]}" finetune.py --model "$STAGE1" \
-    --data "$data" --out "$run" "${opt[@]}" --epochs "$epochs" --lr "$STAGE2_LR" --seed "$seed" \
-    "${TRAIN[@]}" "${TRAJ[@]}" "${EXTRA[@]}"
+    --data "$data" --out "$run" "${opt[@]}" --epochs "$epochs" --lr "$lr" --seed "$seed" \
+    "${TRAIN[@]}" "${TRAJ[@]}" "${ROOT_ARGS[@]}" "${EXTRA[@]}"
+  [[ $FRONTIER_ONLY != 1 || -n $key ]] || return 0   # a frontier run: its trajectory is all the verdict needs
   local base=$root/evals/stage1_heldout_$(dtag "$data")
   step "$C_HELD" "$base/results.json" "held-out loss of $(where "$root")stage1 on $(dtag "$data")" "${LAUNCH[@]}" \
     evaluate.py --model "$STAGE1" --tasks none --heldout "$held" --dtype "$DTYPE" --max-len "$MAX_LEN" --out "$base"
@@ -204,17 +221,39 @@ matched_adamw() {
   evaluate "$OUT" "$name" "$run/step$k" "$OUT/runs/$adamw/heldout.jsonl"
 }
 
+# frontier_seed ROOT SEED [nocontrol]: AdamW at every learning rate of the sweep, SAM (the study's radius) at
+# the main learning rate and (unless nocontrol) the schedule control, AdamW with SAM's steps and schedule
+frontier_seed() {  # frontier_seed ROOT SEED [nocontrol]
+  local lr
+  for lr in $STAGE2_LR $LRS; do stage2 "$1" "$STAGE2_DATA" adamw "$2" "" "" "$lr"; done
+  stage2 "$1" "$STAGE2_DATA" "sam$BEST_RHO" "$2"
+  [[ -n ${3:-} ]] || stage2 "$1" "$STAGE2_DATA" adamw "$2" "" "" "$STAGE2_LR" $((STAGE2_EPOCHS / 2))
+}
+
+# frontier ROOT SAM0: the verdict's runs (verdict.py): every seed's frontier_seed, SAM at its second learning
+# rate on SAM2_SEEDS, and probe.py's point of the stage-1 model (Wise-FT's points are measured like it)
+frontier() {
+  local s FRONTIER_ONLY=$((1 - SEED_EVALS))
+  for s in $SEEDS; do frontier_seed "$1" "$s"; done
+  if [[ -n $SAM_LR2 ]]; then
+    for s in $SAM2_SEEDS; do stage2 "$1" "$STAGE2_DATA" "sam$BEST_RHO" "$s" "" "" "$SAM_LR2"; done
+  fi
+  step "$C_PROBE" "$1/runs/stage1_probe/point.json" "probe stage1" "${LAUNCH[@]}" probe.py "$STAGE1" \
+    --start "$STAGE1" --general-text "$GENERAL" --heldout "$1/runs/$2/heldout.jsonl" --max-len "$MAX_LEN" \
+    --out "$1/runs/stage1_probe/point.json"
+}
+
 probe() {  # probe ROOT NAME HELDOUT_FILE: probe.py's trajectory point of a model the study did not train
   step "$C_PROBE" "$1/runs/$2/point.json" "probe $2" "${LAUNCH[@]}" probe.py "$1/runs/$2" --start "$STAGE1" \
     --general-text "$GENERAL" --heldout "$3" --max-len "$MAX_LEN" --out "$1/runs/$2/point.json"
 }
 
-# wiseft ROOT DATA METHOD ALPHA [eval]: interpolate STAGE1 and the first-seed run, probe the point on the
-# frontier, and with `eval` run the multiple-choice evaluation (Table 2(c))
+# wiseft ROOT DATA METHOD ALPHA [eval] [SEED]: interpolate STAGE1 and the run of SEED (default the first),
+# probe the point on the frontier, and with `eval` run the multiple-choice evaluation (Table 2(c))
 wiseft() {
   local epochs=$STAGE2_EPOCHS
   [[ $3 != sam* ]] || epochs=$((STAGE2_EPOCHS / 2))
-  local name; name=$(run_name "$2" "$STAGE2_LR" "$epochs" "$3" "$SEED0")
+  local name; name=$(run_name "$2" "$STAGE2_LR" "$epochs" "$3" "${6:-$SEED0}")
   local out=$1/runs/${name}_wiseft$4
   step "$C_WISEFT" "$out/wiseft.json" "wiseft $name alpha $4" "$PYTHON" wiseft.py --base "$STAGE1" \
     --finetuned "$1/runs/$name" --alpha "$4" --out "$out"
@@ -286,30 +325,45 @@ study() {
   best_rho
   local sam0; sam0=$(run_name "$STAGE2_DATA" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")
   [[ $DP_EVAL == all ]] || evaluate "$OUT" "$sam0" "$OUT/runs/$sam0" "$OUT/runs/$sam0/heldout.jsonl"
-  matched_adamw "$sam0"
-  for s in $SEEDS; do   # the first seed's runs are done above (evaluated in full): skipped here
-    [[ $s == "$SEED0" ]] && continue
-    stage2 "$OUT" "$STAGE2_DATA" adamw "$s"
-    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s"
+  [[ $MATCHED_DP != 1 ]] || matched_adamw "$sam0"
+  frontier "$OUT" "$sam0"
+  for s in $FP32_SEEDS; do   # numerics as a factor: the frontier and the primary SAM again in fp32 compute
+    ROOT_ARGS=(--precision fp32) FRONTIER_ONLY=1
+    frontier_seed "$OUT/fp32" "$s" nocontrol
+    ROOT_ARGS=() FRONTIER_ONLY=0
   done
   for a in $WISEFT_ALPHAS; do wiseft "$OUT" "$STAGE2_DATA" adamw "$a" $([[ $a == "$WISEFT_ALPHA" ]] && echo eval); done
   wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$WISEFT_ALPHA" eval
   stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh key
   stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh key
   if [[ -n $LORA ]]; then
-    stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "lora$LORA"
-    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "lora$LORA"
+    stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
   fi
+  for s in $FEW_SEEDS; do   # the remedies on more seeds than the first (verdict.py judges them from 3 seeds)
+    [[ $s == "$SEED0" ]] && continue
+    FRONTIER_ONLY=1
+    wiseft "$OUT" "$STAGE2_DATA" adamw "$WISEFT_ALPHA" "" "$s"
+    stage2 "$OUT" "$STAGE2_DATA" adamw "$s" rh
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s" rh
+    if [[ -n $LORA ]]; then
+      stage2 "$OUT" "$STAGE2_DATA" adamw "$s" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
+      stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
+    fi
+    FRONTIER_ONLY=0
+  done
   for d in $OTHER_DATA; do
     stage2 "$OUT" "$d" adamw "$SEED0" "" key
     stage2 "$OUT" "$d" "sam$BEST_RHO" "$SEED0" "" key
   done
-  for d in $DIST; do stage2 "$OUT" "$d" adamw "$SEED0" "" key; done
-  landscape "$OUT" stage1 "$STAGE1"
-  for d in $DIST; do
-    d=$(run_name "$d" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
-    landscape "$OUT" "$d" "$OUT/runs/$d"
-  done
+  if [[ $LANDSCAPES == 1 ]]; then  # Table 1: data sets of increasing distance and their loss landscapes
+    for d in $DIST; do stage2 "$OUT" "$d" adamw "$SEED0" "" key; done
+    landscape "$OUT" stage1 "$STAGE1"
+    for d in $DIST; do
+      d=$(run_name "$d" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
+      landscape "$OUT" "$d" "$OUT/runs/$d"
+    done
+  fi
   for m in $SIZE_MODELS; do  # Table 2(b): stage 1 and AdamW vs SAM on the main data, per model size
     local root; root=$OUT/sizes/$(dtag "$m")
     stage1 "$m" "$root"
@@ -326,7 +380,7 @@ settings() {  # what the files in $OUT depend on; a resumed study must match it
     "MAX_LEN=$MAX_LEN" "BATCH=$BATCH" "MICRO=$MICRO" "REHEARSAL_DATA=$REHEARSAL_DATA" \
     "REHEARSAL_RATIO=$REHEARSAL_RATIO" "LANDSCAPE_DATA=$LANDSCAPE_DATA" "LS_RANGE=$LS_RANGE" \
     "LS_STEPS=$LS_STEPS" "LS_BATCHES=$LS_BATCHES" "LS_BATCH_SIZE=$LS_BATCH_SIZE" "LS_DTYPE=$LS_DTYPE" \
-    "EVAL_EVERY=$EVAL_EVERY" "GENERAL_N=$GENERAL_N" "FINETUNE_ARGS=${EXTRA[*]}"
+    "EVAL_EVERY=$EVAL_EVERY" "GENERAL_N=$GENERAL_N" "WARMUP=$WARMUP" "FINETUNE_ARGS=${EXTRA[*]}"
 }
 
 START=$SECONDS
