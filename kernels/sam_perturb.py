@@ -277,7 +277,7 @@ def perturb_(ws, gs, backups, scale: torch.Tensor, adaptive: bool = False, *,
     scale: SAM's step length rho / (||g|| + eps) as a 0-dim fp32 tensor, formed once by the caller;
     the kernel loads it from device memory, so nothing waits for the host."""
     _check("perturb_", ws, gs, backups, same_dtype=True)
-    if not (isinstance(scale, torch.Tensor) and scale.numel() == 1):
+    if not (isinstance(scale, torch.Tensor) and scale.dim() == 0):
         raise TypeError("perturb_: scale must be a 0-dim tensor, rho / (||g|| + eps).")
     if path_for(ws, backend) == "torch":
         return _perturb_torch(ws, gs, backups, scale, adaptive)

@@ -298,6 +298,8 @@ def test_launchers_reject_mismatched_lists():
         kernels.restore_(a, a[:1])
     with pytest.raises(ValueError, match="dtype"):
         kernels.perturb_(a, a, [t.double() for t in a], torch.ones(()))
+    with pytest.raises(TypeError, match="0-dim"):           # the caller forms the scale, not rho
+        kernels.perturb_(a, a, [t.clone() for t in a], 2.0)
 
 
 def test_path_selection(monkeypatch):
