@@ -229,6 +229,7 @@ def _sums(xs, ws, weighted: bool, backend) -> torch.Tensor:
 
 
 def _sum_squares_torch(xs) -> torch.Tensor:
+    """The reference of sum_squares (and its path off CUDA)."""
     total = torch.zeros((), dtype=torch.float32, device=xs[0].device if xs else "cpu")
     for idx in _groups(xs):
         group = [xs[i] for i in idx]
@@ -239,6 +240,7 @@ def _sum_squares_torch(xs) -> torch.Tensor:
 
 
 def _asam_sums_torch(grads, params) -> torch.Tensor:
+    """The reference of asam_sums (and its path off CUDA)."""
     total = torch.zeros(3, dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g, w in zip(grads, params):     # one tensor at a time: temporaries stay one tensor big
         g, w = g.float(), w.float()
@@ -289,6 +291,7 @@ def perturb_(ws, gs, backups, scale: torch.Tensor, adaptive: bool = False, *,
 
 
 def _perturb_torch(ws, gs, backups, scale, adaptive):
+    """The reference of _perturb_kernel (and perturb_'s path off CUDA), in cache-sized pieces."""
     for idx in _groups(ws, gs):
         group = [[ws[i] for i in idx], [gs[i] for i in idx], [backups[i] for i in idx]]
         device = group[0][0].device
