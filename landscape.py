@@ -32,8 +32,6 @@ import common
 from common import (atomic_path, cleanup_distributed, die, init_distributed, is_main, load_model,
                     load_tokenizer, log, write_json, write_text)
 
-from kernels import add_ as _add_        # in-place w += alpha * d over lists (Triton on CUDA)
-
 PERCENT_SCALE = 100.0
 
 
@@ -143,7 +141,7 @@ def surface(model, loss_fn, d1, d2, alphas, betas, *, progress=True):
         for k, (i, j) in enumerate(mine):
             for d, step in ((d1, alphas[i] - a), (d2, betas[j] - b)):
                 if step != 0.0:
-                    _add_(params, d, float(step))
+                    torch._foreach_add_(params, d, alpha=float(step))
             a, b = alphas[i], betas[j]
             Z[i, j] = float(loss_fn(model))
             if progress and ((k + 1) % every == 0 or k + 1 == len(mine)):
@@ -151,8 +149,8 @@ def surface(model, loss_fn, d1, d2, alphas, betas, *, progress=True):
                 log(f"point {k + 1}/{len(mine)} | a {a:+.3f} b {b:+.3f} | loss {Z[i, j]:.4f} | "
                     f"{rate:.2f} pt/s | eta {_fmt_s((len(mine) - k - 1) / rate)}")
         # walk back to the origin only to measure the rounding drift of the walk, then copy back
-        _add_(params, d1, -float(a))
-        _add_(params, d2, -float(b))
+        torch._foreach_add_(params, d1, alpha=-float(a))
+        torch._foreach_add_(params, d2, alpha=-float(b))
         drift = max(float((p.float() - t.to(p.device).float()).abs().max()) for p, t in zip(params, theta0))
         log(f"scan done: max |w - theta0| after walking back {drift:.2e}; weights restored exactly")
     finally:

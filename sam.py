@@ -197,7 +197,7 @@ class SAM(torch.optim.Optimizer):
             return
         total = torch.stack([v for v in sums.values()]).sum(dim=0)
         # ||e||^2 = sum over buckets of s^2 * (||g||^2, or ||w^2 g||^2 for ASAM), s per bucket's rho
-        e_sq = sum(kernels.perturb_scale(total[1], rho, EPS).square() * sums[(k, rho, ad)][2]
+        e_sq = sum((rho / (total[1].sqrt() + EPS)).square() * sums[(k, rho, ad)][2]
                    for (k, rho, ad) in sums)
         self.last_grad_norm = total[0].sqrt()
         self.last_perturbation_norm = e_sq.sqrt()
@@ -208,7 +208,7 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = []
         for (key, rho, adaptive), (params, ws, gs) in buckets.items():
             backups = [self._backup(p, w) for p, w in zip(params, ws)]
-            kernels.perturb_(ws, gs, backups, total[1], rho, adaptive, EPS)
+            kernels.perturb_(ws, gs, backups, rho / (total[1].sqrt() + EPS), adaptive)
             self._perturbed.append((ws, backups))
         if zero_grad:
             self.zero_grad()

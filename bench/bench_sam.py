@@ -76,8 +76,8 @@ def plain_foreach(ws, gs, bs, rho):
 
 def flattune(path):
     def run(ws, gs, bs, rho):
-        sumsq = kernels.sum_squares(gs, backend=path)
-        kernels.perturb_(ws, gs, bs, sumsq, rho, backend=path)
+        scale = rho / (kernels.sum_squares(gs, backend=path).sqrt() + 1e-12)
+        kernels.perturb_(ws, gs, bs, scale, backend=path)
         kernels.restore_(ws, bs, backend=path)
     return run
 

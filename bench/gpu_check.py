@@ -238,8 +238,9 @@ def check_kernel_tests(ctx) -> dict:
            f"--junitxml={xml}"]
     env = dict(ctx["env"])
     env.pop("FLATTUNE_KERNELS", None)
-    if ctx["smoke"]:     # the interpreter: a few cases, seconds
+    if ctx["smoke"]:     # the interpreter (chosen as the kernels are imported): a few cases, seconds
         cmd += ["-k", "non_contiguous or unaligned or path_selection or launchers or (perturb and mix)"]
+        env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

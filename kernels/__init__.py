@@ -2,8 +2,7 @@
 
 See kernels/sam_perturb.py for the kernels, the path selection (FLATTUNE_KERNELS) and the math.
 """
-from kernels.sam_perturb import (BACKENDS, HAVE_TRITON, add_, asam_sums, backend, perturb_,
-                                 perturb_scale, restore_, sum_squares)
+from kernels.sam_perturb import (BACKENDS, HAVE_TRITON, asam_sums, path_for, perturb_, restore_,
+                                 sum_squares)
 
-__all__ = ["BACKENDS", "HAVE_TRITON", "add_", "asam_sums", "backend", "perturb_", "perturb_scale",
-           "restore_", "sum_squares"]
+__all__ = ["BACKENDS", "HAVE_TRITON", "asam_sums", "path_for", "perturb_", "restore_", "sum_squares"]
