@@ -15,6 +15,7 @@ from pathlib import Path
 
 import common
 import study
+import verdict as vd
 from study import CATS, METRIC_TEXT, combine, dtag
 
 # ----------------------------------------------------------------------------- tables
@@ -233,7 +234,131 @@ def frontier_section(s, F, flat, M):
     return body, outcomes
 
 
-def render(s, M, F, flat, verdict_text, why_rho, cal_md):
+# ----------------------------------------------------------------------------- the verdict (verdict.py)
+
+def _num(x, fmt="{:+.4f}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def table_verdict(V) -> list:
+    rows = ["| remedy (vs AdamW's lr frontier) | seeds | gap mean (nats/token) | 95% CI (t) | p sign-flip | "
+            "p Holm | outcome | KL gap (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    for v in V["frontier_verdict"]:
+        ci = "n/a" if v["ci95"] is None else f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
+        kl = v["kl"]
+        klci = "" if kl["ci95"] is None else f" [{kl['ci95'][0]:+.4f}, {kl['ci95'][1]:+.4f}]"
+        nc = f" ({len(v['not_comparable'])} not comparable)" if v["not_comparable"] else ""
+        word = v["outcome"] + (f"; resolvable gap ±{v['resolvable_gap']:.4f}"
+                               if v["outcome"] == "not resolved" and v.get("resolvable_gap") else "")
+        rows.append(f"| {'**' + v['remedy'] + '** (primary)' if v['primary'] else v['remedy']} | {len(v['seeds'])}"
+                    f"{nc} | {_num(v['mean'])} | {ci} | {_num(v['p_signflip'], '{:.3f}')} | "
+                    f"{'-' if v['primary'] else _num(v.get('p_holm'), '{:.3f}')} | {word} | {_num(kl['mean'])}{klci} |")
+    return rows
+
+
+def table_equal_compute(V) -> list:
+    rows = ["| SAM run | against | seeds | Δ held-out loss (95% CI) | Δ NLL rise (95% CI) | outcome |",
+            "|---|---|---|---|---|---|"]
+    ci = lambda d: "n/a" if d["ci95"] is None else f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+    for e in V["equal_compute"]:
+        rows.append(f"| {e['remedy']} | {e['against']} | {len(e['seeds'])} | {ci(e['heldout_diff'])} | "
+                    f"{ci(e['rise_diff'])} | {e['outcome']} |")
+    return rows
+
+
+def table_adamw_points(V) -> list:
+    fr = V["adamw_frontier"]
+    lrs = sorted({p["lr"] for pts in fr["seeds"].values() for p in pts})
+    rows = ["| seed | " + " | ".join(f"AdamW lr {vd.fmt_lr(lr)}: held-out / NLL rise" for lr in lrs) + " |",
+            "|---|" + "---|" * len(lrs)]
+    for seed, pts in fr["seeds"].items():
+        by = {p["lr"]: p for p in pts}
+        on = {tuple(p) for p in fr["pareto"].get(seed, [])}
+        cell = lambda p: "-" if p is None else (f"{p['heldout_loss']:.3f} / {p['nll_rise']:+.3f}"
+                                                + (" *" if (p["heldout_loss"], p["nll_rise"]) in on else ""))
+        rows.append(f"| {seed} | " + " | ".join(cell(by.get(lr)) for lr in lrs) + " |")
+    return rows
+
+
+def verdict_section(s, V, V32) -> list:
+    if V is None:
+        return ["## The verdict against AdamW's learning-rate frontier", "",
+                "No AdamW learning-rate sweep with trajectories in this folder (run_all.sh writes one).", ""]
+    fr, reg = V["adamw_frontier"], V["regime"]
+    prim = next((v for v in V["frontier_verdict"] if v["primary"]), None)
+    lrs = sorted({p["lr"] for pts in fr["seeds"].values() for p in pts})
+    ok = [r for r in reg["lrs"] if r["learns_clearly_not_degenerate"]]
+    body = ["## The verdict against AdamW's learning-rate frontier", "", "![AdamW frontier](figures/adamw_frontier.png)",
+            "", f"Per seed, AdamW's frontier is the piecewise-linear curve through the Pareto-optimal points among the "
+            f"stage-1 model (held-out loss {fr['stage1_heldout_loss']:.4f}, rise 0) and that seed's AdamW end points "
+            f"at lr {', '.join(vd.fmt_lr(x) for x in lrs)} ({fr['epochs']} epochs, each run warmed up and annealed to "
+            "0). A remedy's gap = its general-text NLL rise minus the frontier's at its held-out loss (negative: it "
+            "forgets less than AdamW at the same learning); a seed whose held-out loss lies outside its frontier's "
+            "range is not comparable. The rule, fixed in verdict.py before the run: mean gap over seeds, 95% CI "
+            "from t with n-1 df, exact sign-flip p; beyond / worse than the frontier when the CI excludes 0, else "
+            f"not resolved; fewer than {vd.MIN_SEEDS} seeds: reported; secondary comparisons need a Holm-corrected "
+            f"p < {vd.ALPHA} as well.", ""]
+    if prim:
+        body += [f"**Primary comparison: {prim['remedy']}: {prim['outcome']}** (gap {_num(prim['mean'])} nats/token, "
+                 f"95% CI {'n/a' if prim['ci95'] is None else '[{:+.4f}, {:+.4f}]'.format(*prim['ci95'])}, sign-flip "
+                 f"p {_num(prim['p_signflip'], '{:.3f}')}, {len(prim['seeds'])} seed(s)).", ""]
+    body += table_verdict(V) + ["", f"Regime ({reg['rule']}): " + (
+        "met by lr " + ", ".join(f"{vd.fmt_lr(r['lr'])} (down {100 * r['drop_frac']:.1f}%, "
+                                 f"{r['heldout_drop'] / r['drop_se']:.0f} SE, NLL rise {r['nll_rise']:+.3f})"
+                                 if r["drop_se"] else vd.fmt_lr(r["lr"]) for r in ok)
+        if ok else "**not met**: no AdamW learning rate learned clearly without a degenerate NLL rise") + ".", "",
+        "**Equal compute** (SAM 1 epoch vs AdamW 2 epochs at the same lr, same gradient computations), as a 2-D "
+        "difference SAM minus AdamW, better only if it wins on both axes:", ""] + table_equal_compute(V)
+    body += ["", "AdamW's end points per seed (held-out loss / general NLL rise; * = on that seed's frontier):", ""] \
+        + table_adamw_points(V)
+    if V32:
+        body += ["", "**Numerics as a factor: the same rule on the runs with fp32 compute** (fp32/runs/, "
+                 f"{len(V32['adamw_frontier']['seeds'])} seed(s); its own stage-1 point and frontier):", ""] \
+            + table_verdict(V32)
+    return body + [""]
+
+
+def fig_adamw_frontier(s, V, path):
+    """x = held-out loss, y = general NLL rise: each seed's AdamW frontier (thin), their mean over the
+    common range (thick), AdamW's end points, and each remedy's end points (one marker per seed)."""
+    import numpy as np
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    fr = V["adamw_frontier"]
+    fronts = [np.array(f) for f in fr["pareto"].values() if len(f)]
+    for i, f in enumerate(fronts):
+        ax.plot(f[:, 0], f[:, 1], "-", color="0.6", lw=0.8, label="AdamW frontier, per seed" if i == 0 else None)
+    lo, hi = max(f[0, 0] for f in fronts), min(f[-1, 0] for f in fronts)
+    if lo < hi:
+        xs = np.linspace(lo, hi, 50)
+        ax.plot(xs, np.mean([np.interp(xs, f[:, 0], f[:, 1]) for f in fronts], axis=0), "k-", lw=2.5,
+                label="AdamW frontier, mean over seeds")
+    for pts in fr["seeds"].values():
+        ax.scatter([p["heldout_loss"] for p in pts], [p["nll_rise"] for p in pts], s=10, color="0.4", zorder=3)
+    lrs = {}
+    for pts in fr["seeds"].values():
+        for p in pts:
+            lrs.setdefault(p["lr"], []).append((p["heldout_loss"], p["nll_rise"]))
+    for lr, ps in lrs.items():
+        ax.annotate(f"AdamW {vd.fmt_lr(lr)}", np.mean(ps, axis=0), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color="0.3")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(V["frontier_verdict"]):
+        pts = np.array([[p["heldout_loss"], p["nll_rise"]] for p in v["points"].values()])
+        c = colors[i % len(colors)]
+        ax.scatter(pts[:, 0], pts[:, 1], s=18, color=c, marker="o^sDvP*X"[i % 8], alpha=0.8,
+                   label=f"{v['remedy']}: {v['outcome']}")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set(xlabel=f"held-out loss on {dtag(s.data)} (nats/token; learning →)",
+           ylabel="general-text NLL rise over stage 1 (nats/token, symlog)",
+           title="every remedy against AdamW's learning-rate frontier (end points of annealed runs)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=6.5, loc="upper left")
+    common.save_png(fig, path)
+
+
+def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None):
     frontier, outcomes = frontier_section(s, F, flat, M)
     head = [f"# flattune study report (PROFILE={s.profile})", "",
             f"Stage-1 model: {s.model}" + (f" (stage 1 trained: {s.stage1})" if s.stage1 != s.model else "")
@@ -259,7 +384,7 @@ def render(s, M, F, flat, verdict_text, why_rho, cal_md):
             + ["", "## Figures", "", "![landscapes](figures/landscape.png)", "",
                "![categories](figures/categories.png)", "", "## Calibration of the stage-2 setting", "",
                cal_md or f"missing (no calibration.md: the stage-2 setting was given: {s.data}, lr {s.lr})."])
-    return "\n".join(head + frontier + [""] + tables + body) + "\n", outcomes
+    return "\n".join(head + verdict_section(s, V, V32) + frontier + [""] + tables + body) + "\n", outcomes
 
 
 def spread(vs, fmt="{:+.3f}"):
@@ -447,7 +572,10 @@ def main(out: str = "results", **given) -> str:
         if p.get("name") in M:
             M[p["name"]].update(forget_nll=p["forget"], displacement=p.get("displacement"))
     cal = outp / "calibration.md"
-    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None)
+    V, V32 = decide(outp, s), decide(outp / "fp32", s)
+    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None, V, V32)
+    if V:
+        fig_adamw_frontier(s, V, outp / "figures" / "adamw_frontier.png")
     fig_frontier(s, F, outp / "figures" / "frontier.png")
     fig_displacement(s, F, outp / "figures" / "displacement.png")
     fig_tradeoff(s, M, outp / "figures" / "tradeoff.png")
@@ -457,7 +585,8 @@ def main(out: str = "results", **given) -> str:
     common.write_text(outp / "REPORT.md", md)
     strip = lambda m: {k: v for k, v in m.items() if k != "items"}
     runs = {n: {k: v for k, v in r.items() if k != "points"} for n, r in F["every"].items()}
-    common.write_json(outp / "report.json", {"settings": s.conf, "best_rho": s.best_rho, "best_rho_why": why,
+    common.write_json(outp / "report.json", {**(V or {}), "numerics": {"fp32": V32},
+                                             "settings": s.conf, "best_rho": s.best_rho, "best_rho_why": why,
                                              "claims": outcomes, "verdict": text, "verdict_numbers": info,
                                              "spearman": {k: flat[k] for k in ("SC", "AG", "MAG", "distance")},
                                              "frontier": {"rows": F["rows"], "endpoint": F["endpoint"],
@@ -469,6 +598,16 @@ def main(out: str = "results", **given) -> str:
     common.write_json(outp / "report_args.json", s.conf)
     print(f"wrote {outp}/REPORT.md, report.json, figures/ | {text}")
     return text
+
+
+def decide(root: Path, s):
+    """verdict.decide on ROOT (None when it holds no run with a trajectory), the study's SAM as primary."""
+    if not (root / "runs").is_dir():
+        return None
+    try:
+        return vd.decide(root, {"rho": s.best_rho, "lr": s.lr})
+    except FileNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

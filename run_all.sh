@@ -27,7 +27,7 @@ case $PROFILE in
     : "${BATCH:=8}" "${MICRO:=4}" "${CANDIDATES:=jeopardy:1e-3:2}" "${RHOS:=0.05 2}"
     : "${SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=gsm8k}" "${LS_STEPS:=3}" "${LS_BATCHES:=1}"
     : "${LS_BATCH_SIZE:=2}" "${EVAL_EVERY:=1}" "${GENERAL_N:=8}" "${LORA:=4}" "${DP_EVAL:=all}"
-    : "${WISEFT_ALPHAS:=0 0.5 1}" "${LRS:=3e-4 3e-3}" "${SAM_LR2:=3e-3}" "${FP32_SEEDS:=}"
+    : "${WISEFT_ALPHAS:=0 0.5 1}" "${LRS:=3e-4 3e-3}" "${SAM_LR2:=3e-3}"
     : "${COSTS:=20 15 10 15 8 8}" ;;
   smol|smol-full)
     # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
@@ -44,18 +44,19 @@ case $PROFILE in
       : "${TASKS:=hellaswag arc_easy sciq}" "${LIMIT:=40}" "${TRAIN_LIMIT:=16}" "${BATCH:=4}" "${MICRO:=4}"
       : "${HELDOUT:=32}" "${CALIBRATE:=0}" "${STAGE2_DATA:=rot13}" "${STAGE2_LR:=3e-4}"
       : "${LRS:=1e-4 1e-3}" "${SAM_LR2:=1e-3}" "${RHOS:=0.02}" "${SEEDS:=6}"
-      : "${FEW_SEEDS:=0}" "${FP32_SEEDS:=0 1}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=}" "${LANDSCAPES:=0}"
-      : "${MATCHED_DP:=0}" "${SAM2_SEEDS:=0 1 2}" "${SEED_EVALS:=0}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=8}" "${GENERAL_N:=32}"
+      : "${FEW_SEEDS:=0}" "${FP32_N:=2}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=}" "${LANDSCAPES:=0}"
+      : "${MATCHED_DP:=0}" "${SAM2_N:=3}" "${SEED_EVALS:=0}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=8}" "${GENERAL_N:=32}"
       : "${LORA:=8}" "${LORA_LR:=1e-3}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}"
       : "${COSTS:=60 70 15 60 15 20}"
     else
       : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
       : "${MICRO:=8}" "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
       : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 mt-mbpp-haskell:1e-3:2 jeopardy:1e-3:2 rot13:1e-3:2}"
-      : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${SEEDS:=0 1 2}" "${OTHER_DATA:=jeopardy gsm8k}"
+      : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${OTHER_DATA:=jeopardy gsm8k}"
       : "${DISTANCE_NEAR:=naturalqs gsm8k mt-mbpp-haskell}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
-      : "${LRS:=1e-4 3e-4 5e-4 1e-3}" "${SAM_LR2:=1e-3}" "${FEW_SEEDS:=0 1 2 3 4 5}" "${FP32_SEEDS:=0 1}"
-      : "${STAGE2_LR:=3e-4}" "${LORA_LR:=1e-3}" "${COSTS:=600 300 30 300 15 40}"
+      : "${LRS:=1e-4 5e-4 1e-3}" "${SAM_LR2:=1e-3}" "${FEW_SEEDS:=0 1 2 3 4 5}" "${FP32_N:=2}"
+      : "${CALIBRATE:=0}" "${STAGE2_DATA:=rot13}" "${STAGE2_LR:=3e-4}" "${LORA_LR:=1e-3}" "${SEEDS:=6}"
+      : "${SAM2_N:=6}" "${VERDICT_DATA2:=gsm8k}" "${COSTS:=600 300 30 300 15 40}"
     fi ;;
   paper)
     : "${MODEL:=meta-llama/Llama-2-7b-hf}" "${STAGE1_DATA:=alpaca}" "${STAGE1_ARGS:=--epochs 3 --lr 2e-5}"
@@ -79,8 +80,8 @@ esac
 # the frontier: AdamW's learning rates (besides STAGE2_LR), SAM's second learning rate, the seeds of the runs
 # that are not the verdict's (rehearsal, LoRA, Wise-FT's alpha curve, SAM at SAM_LR2 get FEW_SEEDS, at most
 # 3 of SEEDS: reported, not judged, below 3), the seeds replicated in fp32 compute, and each run's warmup
-: "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_SEEDS:=}" "${WARMUP:=2}" "${LORA_LR:=}"
-: "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}"
+: "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_N:=0}" "${WARMUP:=2}" "${LORA_LR:=}"
+: "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}" "${VERDICT_DATA2:=}"
 FRONTIER_ONLY=0                       # 1 while stage2 runs fine-tunes that need no evaluation of their own
 [[ $DP_EVAL == all || $DP_EVAL == key ]] || { echo "run_all.sh: error: DP_EVAL=$DP_EVAL; use all (every \
 model gets the multiple-choice evaluation) or key (the first seed's models of the tables)." >&2; exit 2; }
@@ -91,7 +92,8 @@ if [[ $SEEDS =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]]; then  # one number N: N see
 or a list of seeds (SEEDS=\"0 7\")." >&2; exit 2; }
   SEEDS=$(seq -s ' ' 0 $((SEEDS - 1)))
 fi
-: "${SAM2_SEEDS:=${SEEDS%% *}}"
+: "${SAM2_SEEDS:=$(cut -d' ' -f1-"${SAM2_N:-1}" <<<"$SEEDS")}"   # SAM at SAM_LR2: the first SAM2_N seeds
+FP32_SEEDS=$( ((FP32_N > 0)) && cut -d' ' -f1-"$FP32_N" <<<"$SEEDS" || true)     # the fp32 replication's seeds
 if [[ $PROFILE != paper ]]; then  # the offline profiles never wait on the hub
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 fi
@@ -225,8 +227,10 @@ matched_adamw() {
 # the main learning rate and (unless nocontrol) the schedule control, AdamW with SAM's steps and schedule
 frontier_seed() {  # frontier_seed ROOT SEED [nocontrol]
   local lr
-  for lr in $STAGE2_LR $LRS; do stage2 "$1" "$STAGE2_DATA" adamw "$2" "" "" "$lr"; done
+  stage2 "$1" "$STAGE2_DATA" adamw "$2"                 # the tables' runs (evaluated when SEED_EVALS=1)
   stage2 "$1" "$STAGE2_DATA" "sam$BEST_RHO" "$2"
+  local FRONTIER_ONLY=1                                 # the sweep's other runs: the verdict's alone
+  for lr in $LRS; do stage2 "$1" "$STAGE2_DATA" adamw "$2" "" "" "$lr"; done
   [[ -n ${3:-} ]] || stage2 "$1" "$STAGE2_DATA" adamw "$2" "" "" "$STAGE2_LR" $((STAGE2_EPOCHS / 2))
 }
 
@@ -235,6 +239,7 @@ frontier_seed() {  # frontier_seed ROOT SEED [nocontrol]
 frontier() {
   local s FRONTIER_ONLY=$((1 - SEED_EVALS))
   for s in $SEEDS; do frontier_seed "$1" "$s"; done
+  FRONTIER_ONLY=1
   if [[ -n $SAM_LR2 ]]; then
     for s in $SAM2_SEEDS; do stage2 "$1" "$STAGE2_DATA" "sam$BEST_RHO" "$s" "" "" "$SAM_LR2"; done
   fi
@@ -331,6 +336,12 @@ study() {
     ROOT_ARGS=(--precision fp32) FRONTIER_ONLY=1
     frontier_seed "$OUT/fp32" "$s" nocontrol
     ROOT_ARGS=() FRONTIER_ONLY=0
+  done
+  for d in $VERDICT_DATA2; do  # the verdict replicated on a second task: OUT/task-<data>/
+    local main=$STAGE2_DATA
+    STAGE2_DATA=$d FRONTIER_ONLY=1
+    frontier "$OUT/task-$(dtag "$d")" "$(run_name "$d" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")"
+    STAGE2_DATA=$main FRONTIER_ONLY=0
   done
   for a in $WISEFT_ALPHAS; do wiseft "$OUT" "$STAGE2_DATA" adamw "$a" $([[ $a == "$WISEFT_ALPHA" ]] && echo eval); done
   wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$WISEFT_ALPHA" eval

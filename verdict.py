@@ -193,10 +193,12 @@ def read_runs(root: Path) -> dict:
     runs, start = [], None
     for d in sorted((root / "runs").glob("*/")):
         a, traj = _json(d / "args.json"), _rows(d / "trajectory.jsonl")
-        if a and (d / "final.json").exists() and traj:
+        final = _json(d / "final.json")
+        if a and final is not None and traj:
             if traj[0]["step"] == 0 and start is None:
                 start = traj[0]
-            runs.append({"name": d.name, "args": a, "seed": str(a["seed"]), "end": traj[-1], "kind": "run"})
+            runs.append({"name": d.name, "args": a, "seed": str(a["seed"]), "end": traj[-1], "kind": "run",
+                         "final": final})
         w, pt = _json(d / "wiseft.json"), _json(d / "point.json")
         if w and pt:
             parent = _json(Path(w["finetuned"]) / "args.json") or {}
@@ -252,8 +254,9 @@ def decide(root, primary: dict | None = None) -> dict:
         else:
             label = remedy_label(r["args"], epochs)
             rise, kl = _rise(r["end"], start), float(r["end"]["kl_to_start"])
-        g = groups.setdefault(label, {"points": {}, "kl": {}, "args": r["args"], "kind": r["kind"]})
+        g = groups.setdefault(label, {"points": {}, "kl": {}, "args": r["args"], "kind": r["kind"], "final": {}})
         g["points"][r["seed"]] = (float(r["end"]["heldout_loss"]), rise)
+        g["final"][r["seed"]] = r.get("final") or {}
         g["kl"][r["seed"]] = (float(r["end"]["heldout_loss"]), kl)
 
     primary_label = None
@@ -265,6 +268,7 @@ def decide(root, primary: dict | None = None) -> dict:
         v = {"remedy": label, "primary": label == primary_label, **compare(fronts, g["points"]),
              "points": {s: {"heldout_loss": round(p[0], 6), "nll_rise": round(p[1], 6)}
                         for s, p in sorted(g["points"].items(), key=lambda t: _seed_key(t[0]))}}
+        v["cost"] = cost(g, runs)
         v["kl"] = {k: v2 for k, v2 in compare(fronts_kl, g["kl"]).items()
                    if k in ("seeds", "gaps", "mean", "ci95", "p_signflip", "outcome", "not_comparable")}
         verdicts.append(v)
@@ -277,6 +281,28 @@ def decide(root, primary: dict | None = None) -> dict:
             v["outcome"] = "not resolved"
     return {"adamw_frontier": fr, "frontier_verdict": verdicts,
             "equal_compute": equal_compute(adamw, groups, epochs), "regime": regime(fr)}
+
+
+def cost(g: dict, runs: list) -> dict | None:
+    """A remedy's cost per optimizer step: forward/backward passes over the batch (final.json) and the
+    wall time of its steps relative to the plain AdamW run of the same seed, steps and learning rate
+    (the schedule control, or any AdamW run that matches), mean over seeds."""
+    passes, rel = [], []
+    for seed, f in g["final"].items():
+        if not f.get("steps"):
+            continue
+        passes.append(f.get("passes", f["steps"]) / f["steps"])
+        a = g["args"]
+        ref = next((r for r in runs if r["kind"] == "run" and r["seed"] == seed and not r["args"].get("sam")
+                    and not r["args"].get("lora") and not r["args"].get("rehearsal")
+                    and r["args"].get("lr") == a.get("lr") and (r.get("final") or {}).get("steps") == f["steps"]
+                    and r["args"].get("precision") == a.get("precision")), None)
+        if ref and ref["final"].get("elapsed_s") and f.get("elapsed_s"):
+            rel.append(f["elapsed_s"] / ref["final"]["elapsed_s"])
+    if not passes:
+        return None
+    return {"passes_per_step": round(float(np.mean(passes)), 4),
+            "time_vs_adamw": round(float(np.mean(rel)), 4) if rel else None, "time_seeds": len(rel)}
 
 
 def equal_compute(adamw: list, groups: dict, epochs) -> list:

@@ -53,8 +53,17 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     for n in runs[1:3]:
         expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
     matched = runs[0] + "_stepK"     # AdamW rerun to the step nearest SAM's held-out loss (known after the runs)
-    for n in (matched, *runs[3:]):
-        expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+    expected += [("finetune.py", out / "runs" / matched), ("evaluate.py", out / "evals" / matched)]
+    # the frontier, per seed: the tables' AdamW (seed 0's ran above) and SAM runs with their evaluations, then
+    # AdamW at the sweep's other learning rates and the schedule control (AdamW, SAM's epochs), unevaluated
+    lr_run = lambda lr, seed, epochs=2, method="adamw": study.run_name("gsm8k", lr, epochs, method, seed)
+    for seed in ("0", "1"):
+        for n in ([] if seed == "0" else [name("adamw", seed)]) + [name("samBEST", seed)]:
+            expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
+        expected += [("finetune.py", out / "runs" / lr_run(lr, seed)) for lr in ("3e-4", "3e-3")]
+        expected += [("finetune.py", out / "runs" / lr_run("1e-3", seed, 1))]
+    expected += [("finetune.py", out / "runs" / lr_run("3e-3", "0", 1, "samBEST")),   # SAM at its second lr
+                 ("probe.py", out / "runs/stage1_probe/point.json")]
     for base, alphas in ((name("adamw"), ("0", "0.5", "1")), (name("samBEST"), ("0.5",))):
         for a in alphas:
             w = f"{base}_wiseft{a}"
@@ -68,13 +77,15 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     general = str(out / "general_text.jsonl")
     assert plan[0][1] == {"--general-text": [general], "--model": ["tiny"], "--n": ["8"]}
     train = ["--batch-size", "8", "--micro-batch-size", "4", "--max-len", "128", "--heldout", "8", "--precision",
-             "fp32", "--limit", "16", "--eval-every", "1", "--general-text", general, "--grad-clip", "0.5"]
+             "fp32", "--warmup-steps", "2", "--limit", "16", "--eval-every", "1", "--general-text", general,
+             "--grad-clip", "0.5"]
     for sc, f, words in plan:
         if sc == "finetune.py":
             n = Path(f["--out"][0]).name
             sam = "_sam" in n
             assert words[-len(train):] == train and f["--model"] == ["tiny"] and f["--data"] == ["gsm8k"]
-            assert f["--epochs"] == ["1" if sam else "2"] and f["--lr"] == ["1e-3"]
+            assert f["--epochs"] == [n.split("_e")[1][0]] and f["--lr"] == [n.split("_lr")[1].split("_")[0]]
+            assert f["--epochs"] == ["1"] if sam else True
             assert f["--seed"] == [n.removesuffix("_stepK")[-1]]
             assert (f.get("--stop-after"), f.get("--save-model-at")) == ((["K"], ["K"]) if n == matched else (None, None))
             assert ("--sam" in f) == sam and f.get("--rho") == ([n.split("_sam")[1].split("_")[0]] if sam else None)
@@ -90,7 +101,9 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
         if sc == "wiseft.py":
             assert f["--base"] == ["tiny"] and f["--out"][0].endswith("_wiseft" + f["--alpha"][0])
             assert f["--finetuned"] == [str(out / "runs" / Path(f["--out"][0]).name.split("_wiseft")[0])]
-        if sc == "probe.py":                                  # the Wise-FT point against the run's held-out items
+        if sc == "probe.py" and "stage1_probe" in f["--out"][0]:     # the stage-1 point, measured like Wise-FT's
+            assert words[words.index("probe.py") + 1] == "tiny" and f["--start"] == ["tiny"]
+        elif sc == "probe.py":                                # the Wise-FT point against the run's held-out items
             folder = Path(f["--out"][0]).parent
             assert words[words.index("probe.py") + 1] == str(folder) and f["--start"] == ["tiny"]
             assert f["--general-text"] == [general] and f["--max-len"] == ["128"]
@@ -101,27 +114,34 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     assert rep["--wiseft-alphas"] == ["0", "0.5", "1"] and rep["--lora"] == ["4"]
 
 
-def test_smol_dry_run_gives_the_multiple_choice_evaluation_to_the_key_models_only(tmp_path):
-    """DP_EVAL=key (smol): the first seed's models of the tables get evaluate.py's tasks; the other seeds and
-    the sweep's other radii only their held-out loss (heldout/<name>), their forgetting from the trajectory."""
+def test_smol_dry_run_is_the_frontier_study(tmp_path):
+    """The default profile: rot13 without calibration; AdamW at 3 learning rates over 10x, SAM (rho 0.02) at lr
+    3e-4 and the schedule control on 6 seeds, SAM at lr 1e-3 on 3, the fp32 replication on 2 seeds; every
+    fine-tune warms up 2 steps; multiple choice for the first seed's key models only."""
     out = tmp_path / "s"
-    plan = _plan({"OUT": str(out), "STAGE2_DATA": "rot13", "STAGE2_LR": "1e-3"})
+    plan = _plan({"OUT": str(out)})
+    assert not any(sc == "calibrate.py" for sc, _, _ in plan)
+    ft = [(Path(f["--out"][0]), f) for sc, f, _ in plan if sc == "finetune.py"]
+    assert all(f["--warmup-steps"] == ["2"] and f["--batch-size"] == ["4"] and f["--limit"] == ["16"]
+               and f["--eval-every"] == ["8"] for _, f in ft)
+    main = {p.name for p, f in ft if p.parent == out / "runs"}
+    n = lambda lr, e, m, sd, tag="": study.run_name("rot13", lr, e, m, sd) if not tag else \
+        study.run_name("rot13", lr, e, m, sd, lora=8 if tag == "lora" else None, rehearsal=tag == "rh")
+    want = {n(lr, 2, "adamw", sd) for lr in ("1e-4", "3e-4", "1e-3") for sd in range(6)}
+    want |= {n("3e-4", 1, "sam0.02", sd) for sd in range(6)} | {n("3e-4", 1, "adamw", sd) for sd in range(6)}
+    want |= {n("1e-3", 1, "sam0.02", sd) for sd in range(3)}
+    want |= {n("3e-4", 2, "adamw", 0, "rh"), n("3e-4", 1, "sam0.02", 0, "rh"), n("1e-3", 2, "adamw", 0, "lora"),
+             n("1e-3", 1, "sam0.02", 0, "lora")}
+    assert main == want
+    fp32 = {p.name: f for p, f in ft if p.parent == out / "fp32/runs"}
+    assert set(fp32) == {n(lr, 2, "adamw", sd) for lr in ("1e-4", "3e-4", "1e-3") for sd in (0, 1)} | \
+        {n("3e-4", 1, "sam0.02", sd) for sd in (0, 1)}
+    assert all(f["--precision"][-1] == "fp32" for f in fp32.values())
     full = {Path(f["--out"][0]).name for sc, f, _ in plan if sc == "evaluate.py" and "--baseline" in f}
-    held = {Path(f["--out"][0]).name for sc, f, _ in plan if sc == "evaluate.py" and
-            Path(f["--out"][0]).parent == out / "heldout"}
-    n = lambda m, sd="0", rh=False: study.run_name("rot13", "1e-3", 1 if "sam" in m else 2, m, sd, rh)
-    assert full == {n("adamw"), n("sam0.02"), n("adamw") + "_wiseft0.5", n("sam0.02") + "_wiseft0.5",
-                    n("adamw", rh=True), n("sam0.02", rh=True), study.run_name("naturalqs", "1e-3", 2, "adamw", 0),
-                    n("adamw") + "_stepK"}             # AdamW at the step of SAM's held-out loss: its Δp
-    lora = {"rot13_lr1e-3_e2_adamw_lora8_s0", "rot13_lr1e-3_e1_sam0.02_lora8_s0"}   # LoRA: one more method
-    assert held == {n("adamw", "1"), n("adamw", "2"), n("sam0.02", "1"), n("sam0.02", "2")} | lora
-    ft = [f for sc, f, _ in plan if sc == "finetune.py"]
-    assert len(ft) == 12 and all(f["--eval-every"] == ["2"] for f in ft)   # 3 + 3 seeds, matched, rh x 2, naturalqs,
-    #                                                                             LoRA x 2
-    assert {Path(f["--out"][0]).name for f in ft if f.get("--lora") == ["8"]} == lora
-    # AdamW's Wise-FT curve: alpha 0.25, 0.5, 0.75 probed (0 and 1 are its trajectory's ends), and SAM's 0.5
-    assert [Path(f["--out"][0]).parent.name.split("_wiseft")[1] for sc, f, _ in plan if sc == "probe.py"] == \
-        ["0.25", "0.5", "0.75", "0.5"]
+    assert full == {n("3e-4", 2, "adamw", 0), n("3e-4", 1, "sam0.02", 0), n("3e-4", 2, "adamw", 0) + "_wiseft0.5",
+                    n("3e-4", 1, "sam0.02", 0) + "_wiseft0.5", n("3e-4", 2, "adamw", 0, "rh"),
+                    n("3e-4", 1, "sam0.02", 0, "rh")}
+    assert not any(sc == "landscape.py" for sc, _, _ in plan)
 
 
 def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
@@ -134,7 +154,7 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
     assert "--epochs 3 --lr 2e-5 --batch-size 128" in lines[0]
     assert all(l.startswith("torchrun --nproc_per_node 16 ") and l.rstrip().endswith("--grad-clip 0.5") for l in ft)
     adamw = [l for l in ft if "--data open-platypus" in l and "--sam" not in l and "--rehearsal" not in l
-             and "--stop-after" not in l]
+             and "--stop-after" not in l and "--epochs 2 " in l]   # (--epochs 1: the schedule control)
     sam = [l for l in ft if "--data open-platypus" in l and "--sam --rho 2 " in l and "--rehearsal" not in l]
     assert len(adamw) == 3 and len(sam) == 3                   # 7B, TinyLlama, 13B
     rerun = [l for l in ft if "--stop-after K --save-model-at K " in l]         # the 7B AdamW at matched loss
@@ -144,7 +164,7 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
         assert any(f"--data {data} " in l for l in ft)
     assert sum("--rehearsal alpaca" in l for l in ft) == 2
     assert sum(" wiseft.py " in l for l in lines) == 6          # AdamW's curve (5 alphas) and SAM's alpha 0.5
-    assert sum(" probe.py " in l for l in lines) == 6
+    assert sum(" probe.py " in l for l in lines) == 7          # and the stage-1 point (verdict.py's Wise-FT rows)
     assert all("--eval-every 50 --general-text " in l for l in ft if "--data alpaca" not in l)
     assert sum(" landscape.py " in l and "--data alpaca" in l for l in lines) == 3   # stage 1, Platypus, Auto-Wiki
     assert any("finetune.py --model TinyLlama/" in l and "--data alpaca" in l for l in ft)
@@ -155,8 +175,10 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
     assert r.stdout.startswith("torchrun --nproc_per_node 2 finetune.py")
 
 
-def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
-    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s")})
+def test_smol_full_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "PROFILE": "smol-full", "CANDIDATES": "rot13:1e-3:2",
+              "TASKS": "paper arc_easy piqa sciq", "LIMIT": "10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80",
+              "TRAIN_LIMIT": "32", "BATCH": "8", "EVAL_EVERY": "2", "RHOS": "0.02", "CALIBRATE": "1"})
     lines = r.stdout.splitlines()
     assert lines[0].startswith("python data.py --general-text ")           # the general text set, once
     assert lines[1].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[1]
@@ -170,7 +192,7 @@ def test_smol_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     assert not any(l.startswith("torchrun") for l in lines)
     r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-4"})
     assert "calibrate.py" not in r.stdout and "--out " + str(tmp_path / "s/runs/gsm8k_lr1e-4_e2_adamw_s0") in r.stdout
-    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k"})
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "STAGE2_DATA": "gsm8k", "PROFILE": "tiny"})
     assert r.returncode == 2 and "STAGE2_LR" in r.stderr
     r = _run({"PROFILE": "huge", "DRY_RUN": "1"})
     assert r.returncode == 2 and "unknown PROFILE=huge" in r.stderr
