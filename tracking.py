@@ -216,9 +216,10 @@ def finetune_card(run, args: dict, step: int, total: int, command: str, heldout_
     return "\n".join(lines)
 
 
-def wiseft_card(base: str, finetuned: str, alpha: float, command: str) -> str:
-    """README.md of a Wise-FT folder: both parents, alpha, and the fine-tuned parent's own recipe."""
-    parent = Path(finetuned) / "README.md"
+def wiseft_card(base: str, finetuned: str, alpha: float, command: str, finetuned_dir=None) -> str:
+    """README.md of a Wise-FT folder: both parents, alpha, and the fine-tuned parent's own recipe
+    (the first line of its card, when `finetuned_dir` has one)."""
+    parent = Path(finetuned_dir or finetuned) / "README.md"
     made = ""
     if parent.is_file():            # the fine-tuned parent's card: its first line of prose
         prose = [l for l in parent.read_text().splitlines() if l.startswith("Fine-tuned with")]
