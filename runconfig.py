@@ -18,6 +18,11 @@ from pathlib import Path
 
 import common
 
+# names the same settings have in the HF Trainer / TRL / torchtune, for the hint of an unknown key
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "output_dir": "out", "max_seq_length": "max_len",
+           "model_name_or_path": "model", "per_device_train_batch_size": "micro_batch_size", "dataset": "data",
+           "max_length": "max_len", "max_grad_norm": "grad_clip"}
+
 
 def parse(parser: argparse.ArgumentParser, argv=None, recorded=(), convert=None) -> argparse.Namespace:
     """`parser.parse_args(argv)` with `--config PATH` added: the file's values as defaults.
@@ -77,7 +82,7 @@ def values(parser, config: dict, path, recorded=(), convert=None) -> dict:
         if name in recorded:
             continue
         if name not in actions:
-            near = difflib.get_close_matches(name, actions, n=1)
+            near = [ALIASES[name]] if ALIASES.get(name) in actions else difflib.get_close_matches(name, actions, n=1)
             hint = f" (did you mean {near[0].replace('_', '-')}?)" if near else ""
             raise ValueError(f"{path}: unknown key {key!r}{hint}; use the names of the flags in --help, "
                              f"e.g. batch-size for --batch-size.")
