@@ -14,8 +14,8 @@ scalars, under train/ and probe/ (the names of metrics.jsonl and trajectory.json
   train/grad_norm_perturbed (||g'||, before clipping), train/perturbation_norm (||e||);
   probe/heldout_loss, probe/general_nll, probe/kl_to_start, probe/displacement (--eval-every).
 
-Progress. On a terminal, rank 0 draws a tqdm bar with the rate and the ETA on stderr and prints its
-log lines above it; in a log file (stdout not a terminal) there is no bar, only the caller's lines,
+Progress. On a terminal, rank 0 draws a tqdm bar with the rate and the ETA and prints its log
+lines above it; in a log file (stdout not a terminal) there is no bar, only the caller's lines,
 which carry their own ETA.
 """
 import importlib.util
@@ -129,7 +129,8 @@ class Progress:
         except ImportError:
             return
         self.stdout = sys.stdout
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        # the bar on stdout itself, so that tqdm.write clears it before each line (tqdm's documented pattern)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True)
         sys.stdout = DummyTqdmFile(sys.stdout)
 
     def update(self, done: int, **postfix):
