@@ -116,7 +116,7 @@ def _check(action, value, key, path):
 
 def _scalar(action, v, bad):
     kind = action.type or str
-    what = {int: "a whole number", float: "a number", str: "a string"}.get(kind, f"a valid {flag_type(kind)}")
+    what = {int: "a whole number", float: "a number", str: "a string"}.get(kind, f"a valid {kind.__name__}")
     if isinstance(v, (bool, list, tuple, dict)) or v is None:
         raise bad(what)
     if kind is int and isinstance(v, float):
@@ -131,7 +131,3 @@ def _scalar(action, v, bad):
     if action.choices is not None and v not in action.choices:
         raise bad("one of " + ", ".join(map(str, action.choices)))
     return v
-
-
-def flag_type(kind) -> str:
-    return getattr(kind, "__name__", str(kind))

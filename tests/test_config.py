@@ -22,7 +22,8 @@ def _write(path, text):
 
 def test_yaml_sets_values_and_flags_override(tmp_path):
     cfg = _write(tmp_path / "run.yaml", "model: tiny\nbatch-size: 8\nmicro_batch_size: 2\nlr: 1e-5\nsam: true\n"
-                                        "rho: 0.05\nsave-model-at: [2, 4]\nwarmup-steps: null\nreport-to: tensorboard\n")
+                                        "rho: 0.05\nsave-model-at: [2, 4]\nwarmup-steps: null\n"
+                                        "report-to: tensorboard\n")
     a = finetune.parse_args(["--config", cfg])
     assert (a.model, a.batch_size, a.micro_batch_size, a.lr, a.sam, a.rho) == ("tiny", 8, 2, 1e-5, True, 0.05)
     assert list(a.save_model_at) == [2, 4] and a.warmup_steps is None and a.report_to == "tensorboard"

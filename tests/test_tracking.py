@@ -106,8 +106,8 @@ def _command(card: str) -> list:
 def test_model_cards_of_finetune_say_how_the_model_was_made(run):
     out, final, traj = run["out"], run["final"], run["traj"]
     card = (out / "README.md").read_text()
-    for text in ("`tiny`", "`naturalqs`", "SAM around AdamW, rho 0.05", "lr 0.003", "4 of 4 (2.00 epochs)",
-                 f"| held-out loss (nats/token) | {final['heldout_loss_start']:.4f} | {final['heldout_loss_end']:.4f} |",
+    held = f"| held-out loss (nats/token) | {final['heldout_loss_start']:.4f} | {final['heldout_loss_end']:.4f} |"
+    for text in ("`tiny`", "`naturalqs`", "SAM around AdamW, rho 0.05", "lr 0.003", "4 of 4 (2.00 epochs)", held,
                  f"| general-text NLL (nats/token) | {traj[0]['general_nll']:.4f} | {traj[4]['general_nll']:.4f} |"):
         assert text in card, text
     mid = (out / "step2" / "README.md").read_text()
@@ -115,7 +115,9 @@ def test_model_cards_of_finetune_say_how_the_model_was_made(run):
     assert f"| {traj[2]['general_nll']:.4f} |" in mid
     words = _command(card)       # the command reproduces the run's arguments exactly
     assert words[:2] == ["python", "finetune.py"] and _command(mid) == words
-    assert finetune.parse_args(words[2:]) == finetune.Args(**{**vars(run["args"]), "save_model_at": [2]})
+    want = finetune.Args(**{**vars(run["args"]), "save_model_at": [2]})
+    assert finetune.parse_args(words[2:]) == want
+    assert finetune.parse_args(["--config", str(out / "args.json")]) == want     # args.json is a config
 
 
 def test_wiseft_card_names_both_parents_and_alpha(run, tiny_path, tmp_path):
@@ -173,9 +175,21 @@ def test_sam_trainer_reports_sams_signals_to_tensorboard(tmp_path, monkeypatch):
     from trainer_worker import examples, tiny_model, training_args
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    report = "tensorboard,wandb" if HAVE["wandb"] else "tensorboard"
+    if HAVE["wandb"]:
+        import wandb
+        wandb.teardown()              # W&B set up earlier in this process would keep its first settings
+    report = "tensorboard,wandb" if HAVE["wandb"] else "tensorboard"      # split at the comma by SAMMixin
     args = training_args(tmp_path, max_steps=2, report_to=report)
-    SAMTrainer(model=tiny_model(), args=args, train_dataset=examples(8), rho=0.5).train()
+    trainer = SAMTrainer(model=tiny_model(), args=args, train_dataset=examples(8), rho=0.5)
+    names = {type(c).__name__ for c in trainer.callback_handler.callbacks}
+    assert {"TensorBoardCallback", "WandbCallback"} & names == {n for n in ("TensorBoardCallback", "WandbCallback")
+                                                                if HAVE[n[:-8].lower()]}
+    try:
+        trainer.train()
+    finally:
+        if HAVE["wandb"]:
+            import wandb
+            wandb.finish()
     events = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
     assert events
     ea = EventAccumulator(str(Path(events[0]).parent))
@@ -186,4 +200,4 @@ def test_sam_trainer_reports_sams_signals_to_tensorboard(tmp_path, monkeypatch):
         assert got["train/loss_rise"][s] == pytest.approx(got["train/loss_perturbed"][s] - got["train/loss"][s],
                                                           abs=1e-3)     # the Trainer rounds loss to 4 places
     if HAVE["wandb"]:
-        assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+        assert glob.glob(str(tmp_path / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
