@@ -2,7 +2,6 @@
 the command line overrides them, args.json is a config, bad keys and types fail in one sentence."""
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
