@@ -19,10 +19,10 @@ per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
 Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
 model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
 trajectory.jsonl (with --eval-every: probe.py's points at step 0, every K steps and the end),
-final.json (written last: the run finished), README.md (the model card: how the model was made; also in
-each step<k>/), tensorboard/ and wandb/ (with --report-to), loss_curve.png, step<k>/ (with --save-model-at k: the
-model after step k, a HF folder), and checkpoint/ (checkpoint.py; removed at the end unless
---keep-checkpoint).
+final.json (written last: the run finished), README.md (the model card: how the model was made;
+also in each step<k>/), tensorboard/ and wandb/ (with --report-to), loss_curve.png, step<k>/ (with
+--save-model-at k: the model after step k, a HF folder), and checkpoint/ (checkpoint.py; removed at
+the end unless --keep-checkpoint).
 """
 import dataclasses
 import json
@@ -181,9 +181,11 @@ def main(args: Args) -> dict:
     if probes and start == 0:
         trackers.log_probe(probes.take(0, 0.0))
     command = tracking.command_line("finetune.py", dataclasses.asdict(args), dataclasses.asdict(Args()), world)
-    card = lambda k, end=None: tracking.finetune_card(out, dataclasses.asdict(args), k, total, command,  # noqa: E731
-                                                      summary.get("heldout_loss_start"), end,
-                                                      {"compute": f"{precision} over fp32 weights, {world} rank(s)"})
+
+    def card(k, end=None):      # README.md of the model after step k: how it was made
+        return tracking.finetune_card(out, dataclasses.asdict(args), k, total, command,
+                                      summary.get("heldout_loss_start"), end,
+                                      {"compute": f"{precision} over fp32 weights, {world} rank(s)"})
     bar = tracking.Progress(total, initial=start, desc="fine-tuning")    # a bar on a terminal only
 
     # the loop: one optimizer step = every micro-batch of the step, once (AdamW) or twice (SAM)
