@@ -115,13 +115,17 @@ class Trackers:
 
 # ----------------------------------------------------------------------------- progress
 
+def _tty(stream) -> bool:
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
 class Progress:
     """A tqdm bar (rate, ETA) on rank 0 when stdout and stderr are terminals; otherwise nothing.
     While the bar is up, stdout goes through tqdm.write, so log lines print above the bar."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "step"):
         self.bar = None
-        if not (common.is_main() and sys.stdout.isatty() and sys.stderr.isatty()):
+        if not (common.is_main() and _tty(sys.stdout) and _tty(sys.stderr)):
             return
         try:
             from tqdm import tqdm
