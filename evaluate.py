@@ -566,7 +566,9 @@ def main(model: str = "smollm2-135m", tasks: list[str] = ("paper",), out: str | 
     return res
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags below, and `--config FILE` (YAML/JSON, args.json too: runconfig.py) under them."""
+    import runconfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder | hub name")
@@ -583,6 +585,17 @@ if __name__ == "__main__":
     p.add_argument("--baseline", default=None, help="a results.json (or its folder) to pair items with: Δ columns")
     p.add_argument("--heldout", default=None, help="instruction .jsonl: per-item response loss (Alpaca prompt)")
     p.add_argument("--max-len", type=int, default=512, help="token limit of --heldout records (as finetune.py)")
-    a = p.parse_args()
+    return runconfig.parse(p, argv, convert={"limit": _limit_words})
+
+
+def _limit_words(limit):
+    """args.json's limit ({"*": 40, "arc_easy": 150}, as results.json's settings) as --limit words."""
+    if not isinstance(limit, dict):
+        return limit
+    return [f"{'' if k == '*' else k + '='}{v or 0}" for k, v in limit.items()]
+
+
+if __name__ == "__main__":
+    a = parse_args()
     main(a.model, a.tasks, a.out, a.limit, a.shots, a.batch_size, a.dtype, a.scoring, a.seed, a.baseline,
          a.heldout, a.max_len)

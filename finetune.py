@@ -9,6 +9,7 @@
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank R --master_addr H finetune.py \\
         --model meta-llama/Llama-2-7b-hf --data alpaca --epochs 3 --lr 2e-5 --out runs/alpaca
     python finetune.py ... --resume                      # continue from OUT/checkpoint
+    python finetune.py --config my.yaml --lr 1e-5 --report-to tensorboard   # a config file, flags on top
 
 One optimizer step sees --batch-size examples: micro-batches of --micro-batch-size on every rank,
 accumulated. The loss is the mean over all target tokens of the step (all micro-batches, all
@@ -18,9 +19,10 @@ per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
 Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
 model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
 trajectory.jsonl (with --eval-every: probe.py's points at step 0, every K steps and the end),
-final.json (written last: the run finished), loss_curve.png, step<k>/ (with --save-model-at k: the
-model after step k, a HF folder), and checkpoint/ (checkpoint.py; removed at the end unless
---keep-checkpoint).
+final.json (written last: the run finished), README.md (the model card: how the model was made;
+also in each step<k>/), tensorboard/ and wandb/ (with --report-to), loss_curve.png, step<k>/ (with
+--save-model-at k: the model after step k, a HF folder), and checkpoint/ (checkpoint.py; removed at
+the end unless --keep-checkpoint).
 """
 import dataclasses
 import json
@@ -42,6 +44,8 @@ import checkpoint
 import common
 import data
 import probe
+import runconfig
+import tracking
 from sam import SAM
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -93,10 +97,12 @@ class Args:
     stop_after: int | None = opt(None, "stop after N steps with a checkpoint, as if interrupted")
     save_model_at: tuple[int, ...] = opt((), "also write the model after these steps as HF folders OUT/step<k>/")
     resume: bool = opt(False, "continue from OUT/checkpoint if present")
+    report_to: str = opt("none", "trackers, comma-separated: none | tensorboard (OUT/tensorboard) | wandb (OUT/wandb)")
 
 
 def parse_args(argv=None) -> Args:
-    """argparse over Args' fields: --flag-name, the field's type and default, store_true for bools."""
+    """argparse over Args' fields: --flag-name, the field's type and default, store_true for bools;
+    `--config FILE` (YAML/JSON, args.json too: runconfig.py) gives defaults that flags override."""
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
@@ -110,7 +116,7 @@ def parse_args(argv=None) -> Args:
         if typing.get_origin(kind) is tuple:                   # tuple[int, ...] -> --flag 2 4 6
             kind, kw["nargs"] = typing.get_args(kind)[0], "+"
         p.add_argument(flag, type=kind, default=f.default, **kw)
-    return Args(**vars(p.parse_args(argv)))
+    return Args(**vars(runconfig.parse(p, argv, recorded=("world", "compute_precision"))))
 
 
 # ----------------------------------------------------------------------------- main
@@ -130,6 +136,7 @@ def main(args: Args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if common.is_main():
         (out / "final.json").unlink(missing_ok=True)     # a run in progress is not a finished run
+    trackers = tracking.Trackers(args.report_to, out, dataclasses.asdict(args))    # --report-to
 
     # data: tokenized training examples, held-out examples, the step plan
     tokenizer = common.load_tokenizer(args.model)
@@ -169,8 +176,20 @@ def main(args: Args) -> dict:
     rows = read_log(out / "metrics.jsonl", start)
     probes = Probes(args, model, tokenizer, held, ctx, device, out, start) if args.eval_every else None
     if start == 0:      # the held-out loss at the start: the probe's, when it runs (one pass, not two)
-        summary["heldout_loss_start"] = probes.take(0, 0.0)["heldout_loss"] if probes else probe.heldout_loss(
-            model, held, args.micro_batch_size, tokenizer.pad_token_id, ctx, device)
+        if probes:
+            first = probes.take(0, 0.0)
+            trackers.log_probe(first)
+            summary["heldout_loss_start"] = first["heldout_loss"]
+        else:
+            summary["heldout_loss_start"] = probe.heldout_loss(model, held, args.micro_batch_size,
+                                                               tokenizer.pad_token_id, ctx, device)
+    command = tracking.command_line("finetune.py", dataclasses.asdict(args), dataclasses.asdict(Args()), world)
+
+    def card(k, end=None):      # README.md of the model after step k: how it was made
+        return tracking.finetune_card(out, dataclasses.asdict(args), k, total, command,
+                                      summary.get("heldout_loss_start"), end,
+                                      {"compute": f"{precision} over fp32 weights, {world} rank(s)"})
+    bar = tracking.Progress(total, initial=start, desc="fine-tuning")    # a bar on a terminal only
 
     # the loop: one optimizer step = every micro-batch of the step, once (AdamW) or twice (SAM)
     plan, plan_epoch, t0 = None, -1, time.time()
@@ -211,21 +230,29 @@ def main(args: Args) -> dict:
                 f.write(json.dumps(row) + "\n")
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log_line(row, total, (time.time() - t0) / (step + 1 - start))
+        trackers.log_step(row)
+        bar.update(step + 1, loss=row["loss"])
         if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
             last_point = probes.take(step + 1, row["elapsed"])
+            trackers.log_probe(last_point)
         if step + 1 in args.save_model_at:                 # e.g. the model at a matched held-out loss
             checkpoint.save_model_at(out / f"step{step + 1}", model, tokenizer)
+            if common.is_main():
+                common.write_text(out / f"step{step + 1}" / "README.md", card(step + 1))
         stop = args.stop_after is not None and args.stop_after <= step + 1 < total
         if stop or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total):
             checkpoint.save(out, model, opt, sched, step + 1,
                             {"world": world, "args": dataclasses.asdict(args), "summary": summary})
         if stop:
             common.log(f"stopped after step {step + 1} (checkpoint saved; rerun with --resume)")
+            bar.close()
+            trackers.close()
             if owns_group:
                 common.cleanup_distributed()
             return {"stopped_at": step + 1}
 
     # save: the model folder, final.json last
+    bar.close()
     seconds = sum(r["step_time"] for r in rows)
     summary.update(final_loss=rows[-1]["loss"], elapsed_s=rows[-1]["elapsed"],
                    tokens_per_s=sum(r["tokens"] for r in rows) / max(1e-9, seconds),
@@ -241,6 +268,7 @@ def main(args: Args) -> dict:
             plot(out, rows, final)
         except ImportError:             # a bare GPU image without matplotlib: the logs hold it all
             common.log("matplotlib is not installed: loss_curve.png skipped")
+        common.write_text(out / "README.md", card(total, summary["heldout_loss_end"]))   # the model card
         common.write_json(out / "final.json", final)      # written last: the run is complete
         if not args.keep_checkpoint:
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -248,6 +276,7 @@ def main(args: Args) -> dict:
     common.log(f"done: {total} steps, {final['passes']} forward/backward passes over the batch "
                f"({final['micro_batch_passes']} micro-batch passes); held-out loss "
                f"{fmt(final['heldout_loss_start'])} -> {fmt(final['heldout_loss_end'])}; model in {out}")
+    trackers.close()
     if owns_group:
         common.cleanup_distributed()
     return final

@@ -479,7 +479,9 @@ def main(model: str = "smollm2-135m", data: str = "gsm8k", out: str | None = Non
     return metrics
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags below, and `--config FILE` (YAML/JSON, args.json too: runconfig.py) under them."""
+    import runconfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder | hub name")
@@ -501,4 +503,8 @@ if __name__ == "__main__":
     p.add_argument("--hutchinson-samples", type=int, default=10, help="Rademacher samples for the trace")
     p.add_argument("--compare", nargs="+", default=None, help="landscape folders to draw and tabulate")
     p.add_argument("--labels", nargs="+", default=None, help="names of the --compare folders")
-    main(**vars(p.parse_args()))
+    return runconfig.parse(p, argv)
+
+
+if __name__ == "__main__":
+    main(**vars(parse_args()))

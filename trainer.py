@@ -31,8 +31,10 @@ the base optimizer, and a non-finite gradient in either pass skips the step (the
 not advance, as in the Trainer) and backs the scale off. bf16 autocast needs nothing special.
 
 Logs (with the Trainer's `loss`, `grad_norm` = ||g'|| before clipping, `learning_rate`):
-`loss_perturbed` (the loss at w + e, averaged like `loss` over the SAM steps since the last log)
-and `sam_grad_norm` (||g||, the global first-pass gradient norm of the latest SAM step).
+`loss_perturbed` (the loss at w + e, averaged like `loss` over the SAM steps since the last log),
+`loss_rise` (loss_perturbed - loss), `sam_grad_norm` (||g||, the global first-pass gradient norm of
+the latest SAM step) and `perturbation_norm` (||e|| of that step). They reach the trackers of
+`TrainingArguments(report_to=...)` (TensorBoard, W&B; "tensorboard,wandb" is split at the commas).
 TRL's own training metrics (token count, token accuracy, entropy) describe the first pass only.
 
 Refused with one sentence each (docs/trainer.md says why): DeepSpeed, FSDP1, optimizers the
@@ -111,6 +113,9 @@ class SAMMixin:
         self._sam_loss_sum = None       # loss at w + e, summed over SAM steps since the last log
         self._sam_steps = 0
         self._sam_grad_norm = None
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:           # report_to="tensorboard,wandb" as finetune.py --report-to takes it
+            targs.report_to = [n.strip() for r in targs.report_to for n in r.split(",") if n.strip() != "none"]
         super().__init__(*args, **kwargs)
         self._sam_check_launcher()
 
@@ -208,6 +213,8 @@ class SAMMixin:
             mean = self.accelerator.gather(self._sam_loss_sum.reshape(1)).mean() / self._sam_steps
             logs["loss_perturbed"] = mean.item()
             logs["sam_grad_norm"] = self._sam_grad_norm.item()
+            logs["perturbation_norm"] = self.sam.last_perturbation_norm.item()     # ||e||
+            logs["loss_rise"] = logs["loss_perturbed"] - logs["loss"]     # L(w + e) - L(w), this log window
             self._sam_loss_sum, self._sam_steps = None, 0
         super().log(logs, start_time)
 

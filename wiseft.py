@@ -16,12 +16,13 @@ streams each result to disk, so only one tensor of each model is in memory at a 
 tensors are mixed in fp32 (fp64 stays fp64) and cast back to their stored dtype; integer/bool
 tensors must be equal in both checkpoints and are copied. The output keeps the fine-tuned
 folder's layout (same shard names and index), its config, generation config and tokenizer, and
-adds a wiseft.json.
+adds a wiseft.json and a README.md model card (both parents, alpha, the command).
 """
 import argparse
 import fnmatch
 import json
 import math
+import shlex
 import shutil
 import struct
 import time
@@ -32,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 import common
+import tracking
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Copied as they are from the fine-tuned folder; other files there (metrics, args, optimizer state)
@@ -245,6 +247,9 @@ def _write(a_dir: Path, map_a: dict, b_dir: Path, map_b: dict, alpha: float, out
             shutil.copy2(b_dir / INDEX_FILE, tmp / INDEX_FILE)
         _copy_side_files(a_dir, b_dir, tmp)
         (tmp / "wiseft.json").write_text(json.dumps({**record, "alpha": alpha}, indent=2) + "\n")
+        command = shlex.join(["python", "wiseft.py", "--base", record["base"], "--finetuned", record["finetuned"],
+                              "--alpha", str(alpha), "--out", str(out)] + ["--extrapolate"] * (not 0 <= alpha <= 1))
+        (tmp / "README.md").write_text(tracking.wiseft_card(record["base"], record["finetuned"], alpha, command, b_dir))
     common.log(f"alpha {alpha:g} | {len(map_b)} tensors | {done / 1e6:.1f} MB | "
                f"{time.time() - t0:.1f} s -> {out}")
 

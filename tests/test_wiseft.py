@@ -80,7 +80,7 @@ def test_half_is_the_average_keeps_sharding_and_loads(folders, tmp_path):
     out = tmp_path / "half"
     wiseft.interpolate(str(folders["A"]), str(folders["B_sharded"]), 0.5, str(out))
     b_files = sorted(p.name for p in folders["B_sharded"].iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted(b_files + ["wiseft.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(b_files + ["wiseft.json", "README.md"])
     assert (json.loads((out / wiseft.INDEX_FILE).read_text())["weight_map"]
             == json.loads((folders["B_sharded"] / wiseft.INDEX_FILE).read_text())["weight_map"])
     a, b, got = _raw(folders["A"]), _raw(folders["B_sharded"]), _raw(out)
