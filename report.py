@@ -280,7 +280,42 @@ def table_adamw_points(V) -> list:
     return rows
 
 
-def verdict_section(s, V, V32) -> list:
+def table_cost(V) -> list:
+    """Forgetting per unit of cost: every SAM remedy's gap beside its passes per step and wall time."""
+    rows = ["| SAM run | passes / step | time vs AdamW (same steps) | gap mean (95% CI) | outcome |",
+            "|---|---|---|---|---|"]
+    for v in V["frontier_verdict"]:
+        c = v.get("cost") or {}
+        if "rho" not in v["remedy"] or v["remedy"].startswith("Wise-FT") or not c:
+            continue
+        ci = "" if v["ci95"] is None else f" [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
+        rows.append(f"| {v['remedy']} | {c['passes_per_step']:.2f} | "
+                    f"{_num(c.get('time_vs_adamw'), '{:.2f}x')} | {_num(v['mean'])}{ci} | {v['outcome']} |")
+    return rows if len(rows) > 2 else []
+
+
+def fig_cost(V, path) -> bool:
+    """x = wall time per step relative to AdamW, y = gap to AdamW's frontier with its 95% CI."""
+    pts = [v for v in V["frontier_verdict"] if (v.get("cost") or {}).get("time_vs_adamw") and v["mean"] is not None
+           and "rho" in v["remedy"] and not v["remedy"].startswith("Wise-FT")]
+    if not pts:
+        return False
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for v in pts:
+        lo, hi = v["ci95"] or (v["mean"], v["mean"])
+        x = v["cost"]["time_vs_adamw"]
+        ax.errorbar(x, v["mean"], yerr=[[v["mean"] - lo], [hi - v["mean"]]], fmt="o", capsize=4)
+        ax.annotate(v["remedy"], (x, v["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="wall time per step relative to AdamW (same steps, same seed)",
+           ylabel="gap to AdamW's lr frontier (nats/token; < 0 forgets less)",
+           title="forgetting per unit of cost: SAM and its variants")
+    common.save_png(fig, path)
+    return True
+
+
+def verdict_section(s, V, V32, tasks) -> list:
     if V is None:
         return ["## The verdict against AdamW's learning-rate frontier", "",
                 "No AdamW learning-rate sweep with trajectories in this folder (run_all.sh writes one).", ""]
@@ -309,12 +344,21 @@ def verdict_section(s, V, V32) -> list:
         if ok else "**not met**: no AdamW learning rate learned clearly without a degenerate NLL rise") + ".", "",
         "**Equal compute** (SAM 1 epoch vs AdamW 2 epochs at the same lr, same gradient computations), as a 2-D "
         "difference SAM minus AdamW, better only if it wins on both axes:", ""] + table_equal_compute(V)
+    cost = table_cost(V)
+    if cost:
+        body += ["", "**Cost** (final.json: forward/backward passes per optimizer step; wall time of the steps against "
+                 "the plain AdamW run with the same seed, lr and step count):", "", "![cost](figures/cost.png)", ""] \
+            + cost
     body += ["", "AdamW's end points per seed (held-out loss / general NLL rise; * = on that seed's frontier):", ""] \
         + table_adamw_points(V)
     if V32:
         body += ["", "**Numerics as a factor: the same rule on the runs with fp32 compute** (fp32/runs/, "
                  f"{len(V32['adamw_frontier']['seeds'])} seed(s); its own stage-1 point and frontier):", ""] \
             + table_verdict(V32)
+    for data, Vt in tasks.items():
+        if Vt:
+            body += ["", f"**The verdict replicated on a second task, {data}** (task-{data}/runs/):", ""] \
+                + table_verdict(Vt)
     return body + [""]
 
 
@@ -358,7 +402,7 @@ def fig_adamw_frontier(s, V, path):
     common.save_png(fig, path)
 
 
-def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None):
+def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None, tasks=None):
     frontier, outcomes = frontier_section(s, F, flat, M)
     head = [f"# flattune study report (PROFILE={s.profile})", "",
             f"Stage-1 model: {s.model}" + (f" (stage 1 trained: {s.stage1})" if s.stage1 != s.model else "")
@@ -384,7 +428,7 @@ def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None):
             + ["", "## Figures", "", "![landscapes](figures/landscape.png)", "",
                "![categories](figures/categories.png)", "", "## Calibration of the stage-2 setting", "",
                cal_md or f"missing (no calibration.md: the stage-2 setting was given: {s.data}, lr {s.lr})."])
-    return "\n".join(head + verdict_section(s, V, V32) + frontier + [""] + tables + body) + "\n", outcomes
+    return "\n".join(head + verdict_section(s, V, V32, tasks or {}) + frontier + [""] + tables + body) + "\n", outcomes
 
 
 def spread(vs, fmt="{:+.3f}"):
@@ -573,9 +617,12 @@ def main(out: str = "results", **given) -> str:
             M[p["name"]].update(forget_nll=p["forget"], displacement=p.get("displacement"))
     cal = outp / "calibration.md"
     V, V32 = decide(outp, s), decide(outp / "fp32", s)
-    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None, V, V32)
+    tasks = {p.name.removeprefix("task-"): decide(p, s) for p in sorted(outp.glob("task-*"))}
+    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None, V, V32, tasks)
     if V:
         fig_adamw_frontier(s, V, outp / "figures" / "adamw_frontier.png")
+        if not fig_cost(V, outp / "figures" / "cost.png"):
+            md = md.replace("![cost](figures/cost.png)", "")
     fig_frontier(s, F, outp / "figures" / "frontier.png")
     fig_displacement(s, F, outp / "figures" / "displacement.png")
     fig_tradeoff(s, M, outp / "figures" / "tradeoff.png")
@@ -585,7 +632,7 @@ def main(out: str = "results", **given) -> str:
     common.write_text(outp / "REPORT.md", md)
     strip = lambda m: {k: v for k, v in m.items() if k != "items"}
     runs = {n: {k: v for k, v in r.items() if k != "points"} for n, r in F["every"].items()}
-    common.write_json(outp / "report.json", {**(V or {}), "numerics": {"fp32": V32},
+    common.write_json(outp / "report.json", {**(V or {}), "numerics": {"fp32": V32}, "tasks": tasks,
                                              "settings": s.conf, "best_rho": s.best_rho, "best_rho_why": why,
                                              "claims": outcomes, "verdict": text, "verdict_numbers": info,
                                              "spearman": {k: flat[k] for k in ("SC", "AG", "MAG", "distance")},

@@ -6,7 +6,8 @@
 #
 #   bash run_all.sh                           # PROFILE=smol: SmolLM2-135M-Instruct, offline, 2-core CPU -> results/
 #   PROFILE=tiny bash run_all.sh              # the same steps and report on the 2-layer `tiny` model -> results-tiny/
-#   PROFILE=smol-full bash run_all.sh         # smol with more items, 3 seeds, both near data sets
+#   PROFILE=smol-full bash run_all.sh         # smol with more items, a second task, landscapes, more data sets
+#   PROFILE=variants bash run_all.sh          # smol plus the SAM variants (looksam, msam, samon, ...) -> results/
 #   PROFILE=paper bash run_all.sh             # the paper's models, data, hyperparameters (hub + 16 GPUs)
 #   DRY_RUN=1 PROFILE=paper bash run_all.sh   # print every command it would run, run nothing
 #   SEEDS=3 OUT=results2 bash run_all.sh --grad-clip 0   # seeds 0 1 2 (or SEEDS="0 7"); args go to finetune.py
@@ -29,12 +30,12 @@ case $PROFILE in
     : "${LS_BATCH_SIZE:=2}" "${EVAL_EVERY:=1}" "${GENERAL_N:=8}" "${LORA:=4}" "${DP_EVAL:=all}"
     : "${WISEFT_ALPHAS:=0 0.5 1}" "${LRS:=3e-4 3e-3}" "${SAM_LR2:=3e-3}"
     : "${COSTS:=20 15 10 15 8 8}" ;;
-  smol|smol-full)
+  smol|smol-full|variants)
     # bf16 only where the CPU has bf16 matrix units (AMX / AVX512-BF16); emulated bf16 is many times slower
     CPU_BF16=$(grep -qsE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
     : "${MODEL:=smollm2-135m}" "${DTYPE:=$CPU_BF16}" "${PRECISION:=auto}"
     : "${MAX_LEN:=256}" "${LS_BATCH_SIZE:=8}"
-    if [[ $PROFILE == smol ]]; then
+    if [[ $PROFILE != smol-full ]]; then   # smol, and variants: smol plus the SAM variants, in the same OUT
       # The verdict against AdamW's learning-rate frontier (verdict.py), sized for <= 45 minutes on a 2-core
       # CPU (BENCHMARKS.md has the measured time): rot13 (chosen by measurement: docs/findings.md, 2026-12-04),
       # 16 items in steps of 4 (AdamW 8 steps, SAM 4), AdamW at 3 learning rates over 10x, SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
@@ -48,6 +49,7 @@ case $PROFILE in
       : "${MATCHED_DP:=0}" "${SAM2_N:=3}" "${SEED_EVALS:=0}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=8}" "${GENERAL_N:=32}"
       : "${LORA:=8}" "${LORA_LR:=1e-3}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}"
       : "${COSTS:=60 70 15 60 15 20}"
+      [[ $PROFILE != variants ]] || : "${VARIANTS:=asam looksam-k5 msam samon sam-k5}"
     else
       : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
       : "${MICRO:=8}" "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
@@ -70,7 +72,7 @@ case $PROFILE in
   *) echo "run_all.sh: error: unknown PROFILE=$PROFILE; use smol, tiny, smol-full or paper." >&2; exit 2 ;;
 esac
 # settings shared by the profiles (each overridable)
-: "${OUT:=results$([[ $PROFILE == smol ]] || echo "-$PROFILE")}" "${NPROC:=1}" "${DRY_RUN:=0}" "${VERBOSE:=0}"
+: "${OUT:=results$([[ $PROFILE == smol || $PROFILE == variants ]] || echo "-$PROFILE")}" "${NPROC:=1}" "${DRY_RUN:=0}" "${VERBOSE:=0}"
 : "${PYTHON:=python}" "${STAGE1_DATA:=}"
 : "${STAGE1_ARGS:=}" "${SIZE_MODELS:=}" "${STAGE2_DATA:=}" "${STAGE2_LR:=}" "${STAGE2_EPOCHS:=2}"
 : "${CALIBRATE:=$([[ -n $STAGE2_DATA ]] && echo 0 || echo 1)}" "${CANDIDATES:=}" "${DISTANCE_NEAR:=}"
@@ -81,7 +83,7 @@ esac
 # that are not the verdict's (rehearsal, LoRA, Wise-FT's alpha curve, SAM at SAM_LR2 get FEW_SEEDS, at most
 # 3 of SEEDS: reported, not judged, below 3), the seeds replicated in fp32 compute, and each run's warmup
 : "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_N:=0}" "${WARMUP:=2}" "${LORA_LR:=}"
-: "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}" "${VERDICT_DATA2:=}"
+: "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}" "${VERDICT_DATA2:=}" "${VARIANTS:=}"
 FRONTIER_ONLY=0                       # 1 while stage2 runs fine-tunes that need no evaluation of their own
 [[ $DP_EVAL == all || $DP_EVAL == key ]] || { echo "run_all.sh: error: DP_EVAL=$DP_EVAL; use all (every \
 model gets the multiple-choice evaluation) or key (the first seed's models of the tables)." >&2; exit 2; }
@@ -182,6 +184,11 @@ stage2() {
   epochs=${8:-$epochs}
   [[ $tag != rh ]] || opt+=(--rehearsal "$REHEARSAL_DATA" --rehearsal-ratio "$REHEARSAL_RATIO")
   [[ $tag != lora* ]] || opt+=(--lora "${tag#lora}")
+  if [[ $tag == v-* ]]; then            # a SAM variant: v-<variant>[-k<interval>] (PROFILE=variants)
+    local spec=${tag#v-}
+    opt+=(--sam-variant "${spec%%-k*}")
+    [[ $spec != *-k* ]] || opt+=(--sam-interval "${spec##*-k}")
+  fi
   local name run held
   name=$(run_name "$data" "$lr" "$epochs" "$method" "$seed" "$tag")
   run=$root/runs/$name held=$root/runs/$name/heldout.jsonl
@@ -332,6 +339,11 @@ study() {
   [[ $DP_EVAL == all ]] || evaluate "$OUT" "$sam0" "$OUT/runs/$sam0" "$OUT/runs/$sam0/heldout.jsonl"
   [[ $MATCHED_DP != 1 ]] || matched_adamw "$sam0"
   frontier "$OUT" "$sam0"
+  for v in $VARIANTS; do     # the SAM variants (sam.py) at SAM's lr and epochs on every seed: PROFILE=variants
+    FRONTIER_ONLY=1
+    for s in $SEEDS; do stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$s" "v-$v"; done
+    FRONTIER_ONLY=0
+  done
   for s in $FP32_SEEDS; do   # numerics as a factor: the frontier and the primary SAM again in fp32 compute
     ROOT_ARGS=(--precision fp32) FRONTIER_ONLY=1
     frontier_seed "$OUT/fp32" "$s" nocontrol

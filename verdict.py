@@ -177,7 +177,10 @@ def remedy_label(a: dict, frontier_epochs: int | None) -> str:
         base = f"LoRA r{a['lora']}" + (f" + SAM rho {a['rho']:g}" if a.get("sam") else "")
     elif a.get("sam"):
         variant = a.get("sam_variant") or ("asam" if a.get("adaptive") else "sam")
-        base = ("SAM" if variant == "sam" else variant) + f" rho {a['rho']:g}"
+        base = {"sam": "SAM", "asam": "ASAM", "looksam": "LookSAM", "msam": "Momentum-SAM",
+                "samon": "SAM-ON"}.get(variant, variant) + f" rho {a['rho']:g}"
+        if (a.get("sam_interval") or 1) > 1:
+            base += f" k={a['sam_interval']}"
     else:
         base = "AdamW"
         if frontier_epochs and a["epochs"] != frontier_epochs:

@@ -312,3 +312,34 @@ def test_tiny_resumes_without_rerunning_and_refuses_other_settings(tiny):
     assert "skip  finetune" in r.stdout and "] [1/" not in r.stdout
     r = _run({"PROFILE": "tiny", "OUT": str(out), "MAX_LEN": "96"})
     assert r.returncode == 2 and "other settings" in r.stderr and "MAX_LEN=96" in r.stderr
+
+
+def test_tiny_writes_the_frontier_verdict_from_the_run_folders(tiny):
+    """report.json's adamw_frontier holds every AdamW end point of the sweep (3 learning rates, per seed) as
+    the trajectory files have them; frontier_verdict judges SAM and the schedule control; on 2 seeds every
+    outcome is "reported", never resolved; REPORT.md leads with the verdict and its figure."""
+    out, _, md, rep = tiny
+    fr = rep["adamw_frontier"]
+    assert sorted(fr["seeds"]) == ["0", "1"] and all(len(p) == 3 for p in fr["seeds"].values())
+    for seed, pts in fr["seeds"].items():
+        for p in pts:
+            runs = [d for d in (out / "runs").iterdir() if (d / "final.json").is_file() and _args(d)["lr"] == p["lr"]
+                    and str(_args(d)["seed"]) == seed and not _args(d)["sam"] and _args(d)["epochs"] == 2
+                    and not _args(d)["lora"] and not _args(d)["rehearsal"]]
+            assert len(runs) == 1
+            traj = [json.loads(l) for l in (runs[0] / "trajectory.jsonl").read_text().splitlines() if l.strip()]
+            assert p["heldout_loss"] == pytest.approx(traj[-1]["heldout_loss"], abs=1e-6)
+            assert p["nll_rise"] == pytest.approx(traj[-1]["general_nll"] - traj[0]["general_nll"], abs=1e-6)
+    remedies = {v["remedy"]: v for v in rep["frontier_verdict"]}
+    prim = [v for v in rep["frontier_verdict"] if v["primary"]]
+    assert len(prim) == 1 and prim[0]["remedy"].startswith(f"SAM rho {rep['best_rho']}")
+    assert any("SAM's steps and schedule" in r for r in remedies)
+    assert all(v["outcome"] in ("reported",) for v in rep["frontier_verdict"])
+    for v in rep["frontier_verdict"]:
+        assert len(v["gaps"]) == len(v["seeds"]) and not set(v["seeds"]) & set(v["not_comparable"])
+    assert md.index("## The verdict against AdamW's learning-rate frontier") < md.index("## The paper's tables")
+    assert (out / "figures" / "adamw_frontier.png").stat().st_size > 10_000
+
+
+def _args(run):
+    return json.loads((run / "args.json").read_text())

@@ -123,3 +123,20 @@ def test_regime_rule(tmp_path):
     assert ok == {3e-4: True, 1e-3: False} and r["met"]
     fr["seeds"] = {str(s): [{"lr": 3e-4, "heldout_loss": 5.6 + 0.01 * s, "nll_rise": 0.1}] for s in range(6)}
     assert not verdict.regime(fr)["met"]          # a 6.6% drop is not "down >= 10%"
+
+
+def test_cost_is_passes_per_step_and_time_against_adamw_of_the_same_length(tmp_path):
+    for s in range(3):
+        _run(tmp_path, f"a{s}", s, 3e-4, 2, (5.0, 0.2, 0.05))
+        _run(tmp_path, f"c{s}", s, 3e-4, 1, (5.3, 0.05, 0.02))
+        _run(tmp_path, f"m{s}", s, 3e-4, 1, (5.25, 0.02, 0.02), sam=True)
+        (tmp_path / "runs" / f"c{s}" / "final.json").write_text(json.dumps({"steps": 4, "passes": 4,
+                                                                             "elapsed_s": 10.0}))
+        (tmp_path / "runs" / f"m{s}" / "final.json").write_text(json.dumps({"steps": 4, "passes": 5,
+                                                                             "elapsed_s": 12.0 + s}))
+        args = json.loads((tmp_path / "runs" / f"m{s}" / "args.json").read_text())
+        (tmp_path / "runs" / f"m{s}" / "args.json").write_text(json.dumps({**args, "sam_variant": "looksam",
+                                                                           "sam_interval": 5}))
+    v = {r["remedy"]: r for r in verdict.decide(tmp_path)["frontier_verdict"]}
+    look = v["LookSAM rho 0.02 k=5, lr 3e-4"]
+    assert look["cost"] == {"passes_per_step": 1.25, "time_vs_adamw": pytest.approx(1.3), "time_seeds": 3}
