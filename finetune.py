@@ -27,6 +27,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 import types
 import typing
@@ -130,6 +131,7 @@ def main(args: Args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if common.is_main():
         (out / "final.json").unlink(missing_ok=True)     # a run in progress is not a finished run
+    checkpoint.check_shared(out, bool(args.save_every or args.stop_after or args.resume))
 
     # data: tokenized training examples, held-out examples, the step plan
     tokenizer = common.load_tokenizer(args.model)
@@ -159,10 +161,10 @@ def main(args: Args) -> dict:
                f"per rank), {sum(p.numel() for p in params):,} trainable parameters")
 
     start, summary = 0, {}
-    if args.resume and (out / "checkpoint" / "meta.json").exists():
+    if args.resume and checkpoint.find(out):
         meta = checkpoint.load(out, model, opt, sched, dataclasses.asdict(args))
         start, summary = meta["step"], meta["summary"]
-        common.log(f"resumed from {out}/checkpoint at step {start}")
+        common.log(f"resumed from {out}/checkpoint at step {start} (written by {meta['world']} rank(s))")
     else:
         summary["heldout_loss_start"] = probe.heldout_loss(model, held, args.micro_batch_size,
                                                            tokenizer.pad_token_id, ctx, device)
@@ -213,6 +215,7 @@ def main(args: Args) -> dict:
                 f.write(json.dumps(row) + "\n")
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log_line(row, total, (time.time() - t0) / (step + 1 - start))
+        checkpoint.check_finite(step + 1, row)             # a diverged step is never saved
         if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
             probes.take(step + 1, row["elapsed"])
         if step + 1 in args.save_model_at:                 # e.g. the model at a matched held-out loss
@@ -495,7 +498,13 @@ def plot(out: Path, rows: list, final: dict):
 
 
 if __name__ == "__main__":
+    cli = parse_args()
     try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+        main(cli)
+    except (ValueError, FileNotFoundError) as e:         # also a divergence or a full disk
         common.die(str(e))
+    except (OSError, RuntimeError) as e:                 # a full disk in the logs, a lost rank
+        if (why := checkpoint.explain(e, cli.out)) is None:
+            raise
+        print(f"error: {why}", file=sys.stderr, flush=True)     # from whichever rank saw it
+        raise SystemExit(1)
