@@ -245,7 +245,7 @@ def check_shared(out: Path, needed: bool):
     checkpoints are written by all ranks and read back by all ranks (after a resume, by other ones)."""
     if not dist.is_initialized() or not needed:
         return
-    token = torch.randint(0, 2**62, (1,))
+    token = torch.tensor([int.from_bytes(os.urandom(6), "little")])    # the seeded RNGs stay untouched
     dist.broadcast(token, src=0)
     probe_file = Path(out) / f".shared-{int(token)}"
     if dist.get_rank() == 0:

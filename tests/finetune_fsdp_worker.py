@@ -1,6 +1,13 @@
-"""Run by tests/test_finetune_fsdp.py under torchrun: a 2-rank finetune.main() interrupted after
-step 1 and resumed, in one launch (one interpreter start per rank keeps the test cheap)."""
+"""Run by tests/test_finetune_fsdp.py and tests/test_checkpoint.py under torchrun: several
+finetune.main() runs in one launch (one interpreter start per rank keeps the tests cheap).
+
+    argv[1]: JSON list of runs, each a dict of finetune.Args fields (out, stop_after, resume, ...)
+    FLATTUNE_TEST_KILL="RANK STEP": that rank SIGKILLs itself in the middle of STEP (between the
+    forward/backward pass and the optimizer step), as the OOM killer would
+"""
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -8,10 +15,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import finetune  # noqa: E402
 
+
+def kill_mid_step(rank: int, step: int):
+    calls, real = [0], finetune.forward_backward
+
+    def forward_backward(*a, **kw):
+        calls[0] += 1
+        loss = real(*a, **kw)
+        if calls[0] == step and common.rank_world()[0] == rank:     # first pass of STEP (AdamW)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss
+    finetune.forward_backward = forward_backward
+
+
 if __name__ == "__main__":
-    kwargs, out = json.loads(sys.argv[1]), sys.argv[2]
+    runs = json.loads(sys.argv[1])
+    if os.environ.get("FLATTUNE_TEST_KILL"):
+        kill_mid_step(*map(int, os.environ["FLATTUNE_TEST_KILL"].split()))
     common.init_distributed()            # main() leaves a process group it did not create running
-    stopped = finetune.main(finetune.Args(**kwargs, out=out, stop_after=1))
-    assert stopped["stopped_at"] == 1, stopped
-    finetune.main(finetune.Args(**kwargs, out=out, resume=True))
+    for kw in runs:
+        result = finetune.main(finetune.Args(**kw))
+        if kw.get("stop_after"):
+            assert result["stopped_at"] == kw["stop_after"], result
     common.cleanup_distributed()
