@@ -15,12 +15,15 @@ checkpoint. Killed at any instant, one of the three folders holds a complete che
 present); find() takes the newest complete one and load() puts it back in place first.
 docs/finetune.md "When things fail" says what each failure does and how to resume.
 """
+import contextlib
 import errno
 import math
 import os
 import random
+import re
 import shutil
-import sys
+import signal
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -42,6 +45,10 @@ FOLDERS = ("checkpoint", ".checkpoint-old", ".checkpoint-tmp")     # where a com
 
 class Diverged(ValueError):
     """A non-finite loss or gradient: the run stops before anything of that step is saved."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM: torchrun stopping the surviving ranks after one died, or a scheduler's preemption."""
 
 
 def _barrier():
@@ -100,7 +107,8 @@ def save(out: Path, model, opt, sched, step: int, meta: dict):
     state = _state(model, opt, rank, sched)
     full = False
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_initialized())
+        with _quiet():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not dist.is_initialized())
         if rank == 0:
             common.write_json(tmp / "meta.json", {**meta, "step": step, "world": world})
     except (CheckpointException, OSError, common.DiskFull) as e:
@@ -115,6 +123,14 @@ def save(out: Path, model, opt, sched, step: int, meta: dict):
     if rank == 0:
         _swap(out)
     _barrier()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that one process means a single-process save, which is what we want."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _any(flag: bool) -> bool:
@@ -177,6 +193,8 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
                 shutil.rmtree(out / ".checkpoint-tmp", ignore_errors=True)
                 os.replace(found, out / ".checkpoint-tmp")
             _swap(out)
+        for leftover in FOLDERS[1:]:                # an older or incomplete one from a killed save
+            shutil.rmtree(out / leftover, ignore_errors=True)
     _barrier()
     folder = out / "checkpoint"
     meta = common.read_json(folder / "meta.json")
@@ -195,7 +213,8 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
              "blobs": {k: torch.empty(saved[f"blobs.{k}"].size, dtype=torch.uint8)
                        for k in ("optim", "scheduler", rng)}}
     state["optim"] = {n: s for n, s in state["optim"].items() if s}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=not dist.is_initialized())
     with torch.no_grad():                       # DCP loads in place; copy back anything it replaced
         for n, p in live.items():
             if state["model"][n].data_ptr() != (p.to_local() if isinstance(p, DTensor) else p).data_ptr():
@@ -263,6 +282,15 @@ def check_shared(out: Path, needed: bool):
                          f"checkpoints (--save-every 0, no --stop-after or --resume).")
 
 
+def stop_on_sigterm():
+    """SIGTERM raises Stopped, so the command line can say what happened and how to resume (torchrun
+    sends it to every other rank within its --monitor-interval, 0.1 s, when one rank dies)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # once: the exit that follows is not interrupted
+        raise Stopped("SIGTERM")
+    signal.signal(signal.SIGTERM, handler)
+
+
 def explain(e: BaseException, out) -> str | None:
     """One sentence for a failure the user must act on (a full disk, a lost rank), else None."""
     out = Path(out)
@@ -272,11 +300,16 @@ def explain(e: BaseException, out) -> str | None:
         folder = Path(e.filename).parent if e.filename else out
         need = max(2**20, 2 * common._du(last)) if last else 2**20
         return str(common.DiskFull(folder, need, "the logs (and later a checkpoint)")) + f" Last checkpoint: {where}."
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    resume = f"the last checkpoint is {where}: rerun the same command with --resume, on any number of ranks."
+    if isinstance(e, Stopped):
+        return (f"rank {rank} was stopped by SIGTERM, which torchrun sends to every rank when one of them "
+                f"dies (killed, out of memory; its summary below names it) and a scheduler sends at "
+                f"preemption; {resume}")
     if isinstance(e, (dist.DistError, RuntimeError)) and dist.is_initialized():
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        return (f"rank {dist.get_rank()} lost contact with another rank ({first}): a rank died (killed, out of "
-                f"memory, node lost) and torchrun stops the job; the last checkpoint is {where}: rerun the same "
-                f"command with --resume, on any number of ranks.")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0][:120] or e.__class__.__name__
+        return (f"rank {rank} lost contact with another rank ({first}): a rank died (killed, out of memory, "
+                f"node lost) and torchrun stops the job; {resume}")
     return None
 
 
@@ -286,13 +319,16 @@ def save_final(out: Path, model, tokenizer):
     model = _plain(model, copy=False)             # the run is over: a peft model may be merged in place
     if model is None:
         return
-    if hasattr(model, "merge_and_unload"):          # peft: keep the adapter, export the merge
-        with common.atomic_path(out / "adapter") as tmp:
-            model.save_pretrained(tmp)
-        model = model.merge_and_unload()
-    # common.save_model swaps whole folders; OUT also holds logs, so move the files in one by one
-    staging = out / ".model"
-    common.save_model(model, tokenizer, staging)
+    try:
+        if hasattr(model, "merge_and_unload"):      # peft: keep the adapter, export the merge
+            with common.atomic_path(out / "adapter") as tmp:
+                model.save_pretrained(tmp)
+            model = model.merge_and_unload()
+        # common.save_model swaps whole folders; OUT also holds logs, so move the files in one by one
+        staging = out / ".model"
+        common.save_model(model, tokenizer, staging)
+    except common.DiskFull:                         # nothing of the model is in OUT yet
+        raise common.DiskFull(out, _nbytes(model.state_dict()), "the final model") from None
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()

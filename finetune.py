@@ -27,6 +27,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
 import time
 import types
@@ -497,14 +498,21 @@ def plot(out: Path, rows: list, final: dict):
     common.save_png(fig, out / "loss_curve.png", dpi=120)
 
 
-if __name__ == "__main__":
-    cli = parse_args()
+def cli(argv=None):
+    """The command line: main() with the failures a user must act on as one sentence on stderr."""
+    args = parse_args(argv)
+    checkpoint.stop_on_sigterm()
     try:
-        main(cli)
+        main(args)
     except (ValueError, FileNotFoundError) as e:         # also a divergence or a full disk
         common.die(str(e))
-    except (OSError, RuntimeError) as e:                 # a full disk in the logs, a lost rank
-        if (why := checkpoint.explain(e, cli.out)) is None:
+    except (OSError, RuntimeError) as e:                 # a full disk in the logs, a lost rank, SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's SIGTERM must not cut the sentence
+        if (why := checkpoint.explain(e, args.out)) is None:
             raise
         print(f"error: {why}", file=sys.stderr, flush=True)     # from whichever rank saw it
         raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli()

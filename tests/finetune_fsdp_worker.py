@@ -1,14 +1,16 @@
 """Run by tests/test_finetune_fsdp.py and tests/test_checkpoint.py under torchrun: several
 finetune.main() runs in one launch (one interpreter start per rank keeps the tests cheap).
 
-    argv[1]: JSON list of runs, each a dict of finetune.Args fields (out, stop_after, resume, ...)
-    FLATTUNE_TEST_KILL="RANK STEP": that rank SIGKILLs itself in the middle of STEP (between the
-    forward/backward pass and the optimizer step), as the OOM killer would
+    argv[1]: JSON list of runs, each a dict of finetune.Args fields (out, stop_after, resume, ...),
+             or a list of command-line arguments for finetune.cli() (the real command line)
+    FLATTUNE_TEST_KILL="RANK STEP FILE": that rank writes the time into FILE and SIGKILLs itself in the
+    middle of STEP (after its first forward/backward pass), as the OOM killer would
 """
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -16,13 +18,14 @@ import common  # noqa: E402
 import finetune  # noqa: E402
 
 
-def kill_mid_step(rank: int, step: int):
+def kill_mid_step(rank: int, step: int, stamp: str):
     calls, real = [0], finetune.forward_backward
 
     def forward_backward(*a, **kw):
         calls[0] += 1
         loss = real(*a, **kw)
         if calls[0] == step and common.rank_world()[0] == rank:     # first pass of STEP (AdamW)
+            Path(stamp).write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         return loss
     finetune.forward_backward = forward_backward
@@ -31,7 +34,10 @@ def kill_mid_step(rank: int, step: int):
 if __name__ == "__main__":
     runs = json.loads(sys.argv[1])
     if os.environ.get("FLATTUNE_TEST_KILL"):
-        kill_mid_step(*map(int, os.environ["FLATTUNE_TEST_KILL"].split()))
+        rank, step, stamp = os.environ["FLATTUNE_TEST_KILL"].split()
+        kill_mid_step(int(rank), int(step), stamp)
+    if isinstance(runs[0], str):
+        sys.exit(finetune.cli(runs))
     common.init_distributed()            # main() leaves a process group it did not create running
     for kw in runs:
         result = finetune.main(finetune.Args(**kw))
