@@ -100,8 +100,12 @@ def test_two_rank_lora_matches_one_process(tmp_path, tiny_path, capsys):
     # the DCP checkpoint changes world size: 1 process -> 2 ranks ("up") and 2 ranks -> 1 ("down")
     plain = dict(args, eval_every=0, general_text=None, save_model_at=[], keep_checkpoint=True)
     finetune.main(finetune.Args(**plain, out=str(tmp_path / "up"), stop_after=1))
+    # and multi-node without a shared folder (each rank its own --out) is refused before any work
+    alone = dict(plain, out=str(tmp_path / "node{rank}"), stop_after=1, expect_error="is not one folder shared by all ranks")
     log = _torchrun(args, tmp_path / "two", more=[dict(plain, out=str(tmp_path / "up"), resume=True),
-                                                 dict(plain, out=str(tmp_path / "down"), stop_after=2)])
+                                                 dict(plain, out=str(tmp_path / "down"), stop_after=2), alone])
+    assert f"refused as expected: --out {tmp_path}/node0 is not one folder shared by all ranks" in log
+    assert not (tmp_path / "node0" / "heldout.jsonl").exists()       # refused before any work
     assert "resumed from" in log and "8,192 trainable parameters" in log
     assert "at step 1 (written by 1 rank(s))" in log
     finetune.main(finetune.Args(**plain, out=str(tmp_path / "down"), resume=True))
