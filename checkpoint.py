@@ -17,6 +17,7 @@ docs/finetune.md "When things fail" says what each failure does and how to resum
 """
 import contextlib
 import errno
+import io
 import math
 import os
 import random
@@ -61,14 +62,12 @@ def _barrier():
 def _blob(obj) -> torch.Tensor:
     """Non-tensor state (param groups, scheduler, RNG) as bytes in a uint8 tensor: DCP stores it as is
     and the loader knows its size from the checkpoint's metadata."""
-    import io
     buf = io.BytesIO()
     torch.save(obj, buf)
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
 
 def _unblob(t: torch.Tensor):
-    import io
     return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=False)
 
 
@@ -118,8 +117,8 @@ def save(out: Path, model, opt, sched, step: int, meta: dict):
     if _any(full):                                  # every rank learns it, wherever the disk filled
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder beside a good one
-        raise common.DiskFull(out, 2 * _nbytes(state), "a checkpoint (room for two: the previous one "
-                              "stays until the new one is complete)")
+        # the previous checkpoint stays until the new one is complete: the new one needs its whole size
+        raise common.DiskFull(out, _nbytes(state), "a checkpoint")
     if rank == 0:
         _swap(out)
     _barrier()
@@ -187,14 +186,7 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
     trajectory flags. A collective under torchrun. Returns its meta.json."""
     rank, world = common.rank_world()
     if rank == 0:
-        found = find(out)
-        if found is not None and found.name != "checkpoint":     # a save was killed mid-swap
-            if found.name == ".checkpoint-old":
-                shutil.rmtree(out / ".checkpoint-tmp", ignore_errors=True)
-                os.replace(found, out / ".checkpoint-tmp")
-            _swap(out)
-        for leftover in FOLDERS[1:]:                # an older or incomplete one from a killed save
-            shutil.rmtree(out / leftover, ignore_errors=True)
+        _recover(out)
     _barrier()
     folder = out / "checkpoint"
     meta = common.read_json(folder / "meta.json")
@@ -206,7 +198,8 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     live = _state(model, opt, rank)["model"]
     rng = f"rng{rank}" if f"blobs.rng{rank}" in saved else "rng0"   # a new rank takes rank 0's
-    state = {"model": {n: p.detach() for n, p in live.items()},
+    into = {n: p.detach() for n, p in live.items()}          # DCP loads into these in place
+    state = {"model": dict(into),
              "optim": {n: {k[len(f"optim.{n}."):]: _target(md, p) for k, md in saved.items()
                            if k.startswith(f"optim.{n}.") and "." not in k[len(f"optim.{n}."):]}
                        for n, p in live.items()},
@@ -215,9 +208,9 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
     state["optim"] = {n: s for n, s in state["optim"].items() if s}
     with _quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=not dist.is_initialized())
-    with torch.no_grad():                       # DCP loads in place; copy back anything it replaced
+    with torch.no_grad():                       # anything DCP replaced instead is copied back
         for n, p in live.items():
-            if state["model"][n].data_ptr() != (p.to_local() if isinstance(p, DTensor) else p).data_ptr():
+            if state["model"][n] is not into[n]:
                 p.copy_(state["model"][n])
     rest = _unblob(state["blobs"]["optim"])
     order = _order(model, opt)          # this optimizer's integer ids, by parameter name
@@ -233,6 +226,19 @@ def load(out: Path, model, opt, sched, args: dict) -> dict:
     if r["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(r["cuda"])
     return meta
+
+
+def _recover(out: Path):
+    """Make OUT/checkpoint the newest complete checkpoint after a save killed mid-swap, and remove
+    an older or incomplete one left beside it."""
+    found = find(out)
+    if found is not None and found.name != "checkpoint":
+        if found.name == ".checkpoint-old":
+            shutil.rmtree(out / ".checkpoint-tmp", ignore_errors=True)
+            os.replace(found, out / ".checkpoint-tmp")
+        _swap(out)
+    for leftover in FOLDERS[1:]:
+        shutil.rmtree(out / leftover, ignore_errors=True)
 
 
 def _target(md, p):
@@ -306,7 +312,9 @@ def explain(e: BaseException, out) -> str | None:
         return (f"rank {rank} was stopped by SIGTERM, which torchrun sends to every rank when one of them "
                 f"dies (killed, out of memory; its summary below names it) and a scheduler sends at "
                 f"preemption; {resume}")
-    if isinstance(e, (dist.DistError, RuntimeError)) and dist.is_initialized():
+    lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: plain RuntimeError
+        r"gloo|nccl|connection|timed out|timeout", str(e), re.IGNORECASE))
+    if lost and dist.is_initialized():
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0][:120] or e.__class__.__name__
         return (f"rank {rank} lost contact with another rank ({first}): a rank died (killed, out of memory, "
                 f"node lost) and torchrun stops the job; {resume}")
