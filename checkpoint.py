@@ -57,6 +57,12 @@ def _barrier():
         dist.barrier()
 
 
+def _flag(x: float) -> torch.Tensor:
+    """A one-number tensor where the process group can reduce it (NCCL: on this rank's GPU)."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.tensor([x], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+
+
 # ----------------------------------------------------------------------------- save
 
 def _blob(obj) -> torch.Tensor:
@@ -135,7 +141,7 @@ def _quiet():
 def _any(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)])
+    t = _flag(float(flag))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -270,13 +276,13 @@ def check_shared(out: Path, needed: bool):
     checkpoints are written by all ranks and read back by all ranks (after a resume, by other ones)."""
     if not dist.is_initialized() or not needed:
         return
-    token = torch.tensor([int.from_bytes(os.urandom(6), "little")])    # the seeded RNGs stay untouched
+    token = _flag(float(int.from_bytes(os.urandom(6), "little")))   # the seeded RNGs stay untouched
     dist.broadcast(token, src=0)
-    probe_file = Path(out) / f".shared-{int(token)}"
+    probe_file = Path(out) / f".shared-{int(token.item())}"
     if dist.get_rank() == 0:
         probe_file.write_text("")
     dist.barrier()
-    sees = torch.tensor([float(probe_file.exists())])
+    sees = _flag(float(probe_file.exists()))
     dist.all_reduce(sees, op=dist.ReduceOp.MIN)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -297,8 +303,13 @@ def stop_on_sigterm():
     signal.signal(signal.SIGTERM, handler)
 
 
+EXPLAINED = (OSError, RuntimeError, CheckpointException)     # what explain() may have a sentence for
+
+
 def explain(e: BaseException, out) -> str | None:
-    """One sentence for a failure the user must act on (a full disk, a lost rank), else None."""
+    """One sentence for a failure the user must act on (a full disk, a lost rank, SIGTERM), else None."""
+    if isinstance(e, CheckpointException):      # DCP wraps what interrupted a save (SIGTERM, a lost rank)
+        e = next(iter(e.failures.values()))[0]
     out = Path(out)
     last = find(out)
     where = f"{last} (step {_meta(last)['step']})" if last else "no checkpoint yet"
@@ -309,9 +320,9 @@ def explain(e: BaseException, out) -> str | None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     resume = f"the last checkpoint is {where}: rerun the same command with --resume, on any number of ranks."
     if isinstance(e, Stopped):
-        return (f"rank {rank} was stopped by SIGTERM, which torchrun sends to every rank when one of them "
-                f"dies (killed, out of memory; its summary below names it) and a scheduler sends at "
-                f"preemption; {resume}")
+        return (f"rank {rank} was stopped by SIGTERM, which torchrun sends to every rank when another one "
+                f"fails or dies (killed, out of memory; its summary below names which) and a scheduler "
+                f"sends at preemption; {resume}")
     lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: plain RuntimeError
         r"gloo|nccl|connection|timed out|timeout", str(e), re.IGNORECASE))
     if lost and dist.is_initialized():

@@ -506,7 +506,7 @@ def cli(argv=None):
         main(args)
     except (ValueError, FileNotFoundError) as e:         # also a divergence or a full disk
         common.die(str(e))
-    except (OSError, RuntimeError) as e:                 # a full disk in the logs, a lost rank, SIGTERM
+    except checkpoint.EXPLAINED as e:                    # a full disk in the logs, a lost rank, SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's SIGTERM must not cut the sentence
         if (why := checkpoint.explain(e, args.out)) is None:
             raise
