@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import warnings
 from copy import deepcopy
 from pathlib import Path
@@ -299,7 +300,8 @@ def stop_on_sigterm():
     sends it to every other rank within its --monitor-interval, 0.1 s, when one rank dies)."""
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)    # once: the exit that follows is not interrupted
-        raise Stopped("SIGTERM")
+        if sys.exc_info()[0] is None:   # else an error is being handled (the lost rank): let it speak
+            raise Stopped("SIGTERM")
     signal.signal(signal.SIGTERM, handler)
 
 
