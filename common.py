@@ -12,6 +12,7 @@ The cache lives in $FLATTUNE_CACHE (default ~/.cache/flattune).
 """
 import contextlib
 import datetime
+import errno
 import fcntl
 import importlib.util
 import json
@@ -44,11 +45,41 @@ def package_dir(name: str) -> Path:
 
 # ----------------------------------------------------------------------------- atomic writes
 
+class DiskFull(ValueError):
+    """ENOSPC while writing into `folder`: one sentence naming the folder and the space it needs."""
+
+    def __init__(self, folder, need: int, what: str):
+        folder = Path(folder)
+        try:
+            free = _size(shutil.disk_usage(folder).free)
+        except OSError:
+            free = "unknown"
+        super().__init__(f"no space left on the device of {folder} while writing {what}: it needs about "
+                         f"{_size(need)} more there ({free} free); free space there (or pick another "
+                         f"folder) and rerun (finetune.py continues from its last checkpoint with --resume).")
+        self.folder, self.need = folder, need
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, need: int = 0):
     """Yield a temporary sibling of `path` (file or folder); rename it onto `path` on success.
 
-    A crash leaves the old `path` untouched and at most a stray `.tmp-*` sibling behind.
+    A crash leaves the old `path` untouched and at most a stray `.tmp-*` sibling behind. A full disk
+    (ENOSPC) removes the temporary and raises DiskFull naming the folder and the space needed (`need`,
+    or at least what was written before the disk filled).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,18 +94,25 @@ def atomic_path(path):
             shutil.rmtree(old)
         else:
             os.replace(target, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(path.parent, max(need, _du(target)), path.name) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_text(path, text):
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=len(text.encode())) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
 
 
 def iter_jsonl(path):

@@ -29,6 +29,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import sys
 import time
 import types
 import typing
@@ -137,6 +139,7 @@ def main(args: Args) -> dict:
     if common.is_main():
         (out / "final.json").unlink(missing_ok=True)     # a run in progress is not a finished run
     trackers = tracking.Trackers(args.report_to, out, dataclasses.asdict(args))    # --report-to
+    checkpoint.check_shared(out, bool(args.save_every or args.stop_after or args.resume))
 
     # data: tokenized training examples, held-out examples, the step plan
     tokenizer = common.load_tokenizer(args.model)
@@ -166,10 +169,10 @@ def main(args: Args) -> dict:
                f"per rank), {sum(p.numel() for p in params):,} trainable parameters")
 
     start, summary = 0, {}
-    if args.resume and (out / "checkpoint" / "meta.json").exists():
+    if args.resume and checkpoint.find(out):
         meta = checkpoint.load(out, model, opt, sched, dataclasses.asdict(args))
         start, summary = meta["step"], meta["summary"]
-        common.log(f"resumed from {out}/checkpoint at step {start}")
+        common.log(f"resumed from {out}/checkpoint at step {start} (written by {meta['world']} rank(s))")
     if common.is_main():                        # after a refused resume, args.json stays the old run's
         common.write_json(out / "args.json", {**dataclasses.asdict(args), "world": world,
                                               "compute_precision": precision})
@@ -232,6 +235,7 @@ def main(args: Args) -> dict:
             log_line(row, total, (time.time() - t0) / (step + 1 - start))
         trackers.log_step(row)
         bar.update(step + 1, loss=row["loss"])
+        checkpoint.check_finite(step + 1, row)             # a diverged step is never saved
         if probes and ((step + 1) % args.eval_every == 0 or step + 1 == total):
             last_point = probes.take(step + 1, row["elapsed"])
             trackers.log_probe(last_point)
@@ -522,8 +526,21 @@ def plot(out: Path, rows: list, final: dict):
     common.save_png(fig, out / "loss_curve.png", dpi=120)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: main() with the failures a user must act on as one sentence on stderr."""
+    args = parse_args(argv)
+    checkpoint.stop_on_sigterm()
     try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+        main(args)
+    except (ValueError, FileNotFoundError) as e:         # also a divergence or a full disk
         common.die(str(e))
+    except checkpoint.EXPLAINED as e:                    # a full disk in the logs, a lost rank, SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's SIGTERM must not cut the sentence
+        if (why := checkpoint.explain(e, args.out)) is None:
+            raise
+        print(f"error: {why}", file=sys.stderr, flush=True)     # from whichever rank saw it
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli()

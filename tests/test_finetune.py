@@ -92,7 +92,7 @@ def test_sam_resume_equals_uninterrupted(tmp_path, tiny_path, capsys):
     assert rows[0]["loss_perturbed"] > rows[0]["loss"]                # a step up the gradient
     assert all(abs(r["perturbation_norm"] - 0.05) < 1e-4 for r in rows)
     stopped = run(**kw, out=str(tmp_path / "b"), stop_after=4)
-    assert stopped["stopped_at"] == 4 and (tmp_path / "b" / "checkpoint" / "rank0.pt").exists()
+    assert stopped["stopped_at"] == 4 and (tmp_path / "b" / "checkpoint" / ".metadata").exists()
     assert not (tmp_path / "b" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="written with --lr 0.001"):
         run(**dict(kw, lr=2e-3), out=str(tmp_path / "b"), resume=True)

@@ -90,7 +90,9 @@ def test_trajectory_points_agree_with_the_saved_models(tmp_path, general_file, t
     assert "probe at step 2 | held-out" in capsys.readouterr().out
     # --save-model-at 2 wrote the step-2 model: the checkpoint's weights, as a HF folder
     step2 = load_file(out / "step2" / "model.safetensors")
-    state = torch.load(out / "checkpoint" / "rank0.pt", weights_only=False)["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(out / "checkpoint", tmp_path / "checkpoint.pt")     # DCP -> one torch.save file
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(step2[k], v) for k, v in state.items() if k in step2) and len(step2) >= 10
     # recompute: the end point from the final folder, step 2 from the step-2 folder
     kw = dict(start="tiny", general_text=str(general_file), heldout=str(out / "heldout.jsonl"), max_len=64)
