@@ -394,6 +394,8 @@ def fig_adamw_frontier(s, V, path):
                    label=f"{v['remedy']}: {v['outcome']}")
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_yscale("symlog", linthresh=0.1)
+    from matplotlib.ticker import FuncFormatter
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set(xlabel=f"held-out loss on {dtag(s.data)} (nats/token; learning →)",
            ylabel="general-text NLL rise over stage 1 (nats/token, symlog)",
            title="every remedy against AdamW's learning-rate frontier (end points of annealed runs)")
