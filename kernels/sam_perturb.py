@@ -327,19 +327,19 @@ def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float = 1e-12) -> torch.
     return rho / (sumsq.to(torch.float32).sqrt() + eps)
 
 
-def perturb_(params, grads, backups, sumsq, rho: float, adaptive: bool = False, eps: float = 1e-12,
+def perturb_(params, grads, backups, scale: torch.Tensor, adaptive: bool = False,
              *, backend: str | None = None) -> None:
-    """backups[i] <- params[i]; params[i] += s * grads[i] (times params[i]^2 when `adaptive`).
+    """backups[i] <- params[i]; params[i] += scale * grads[i] (times params[i]^2 when `adaptive`).
 
-    s = perturb_scale(sumsq, rho, eps) stays on the device; nothing waits for the host. The backups
-    hold the exact old values for restore_.
+    `scale` is the caller's 0-dim fp32 tensor (sam.py forms rho / (||g|| + eps) once); it stays on
+    the device, so nothing waits for the host. The backups hold the exact old values for restore_.
     """
     _check_lists("perturb_", params, grads, backups)
     if any(b.dtype != p.dtype for b, p in zip(backups, params)):
         raise ValueError("perturb_: each backup must have its parameter's dtype (it is an exact copy).")
     if not params:
         return
-    scale = perturb_scale(sumsq, rho, eps)
+    scale = scale.to(torch.float32)
     if _pick(params, backend) == "torch":
         return _perturb_torch(params, grads, backups, scale, adaptive)
     _perturb_triton(params, grads, backups, scale, adaptive, _choice(backend))
