@@ -349,9 +349,9 @@ class SAM(torch.optim.Optimizer):
                 scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
-        for p, buf in list(self._pending_gv.items()):     # LookSAM's g_v joins the base's state
-            if len(self.state.get(p, {})):
-                self.state[p]["looksam_gv"] = self._pending_gv.pop(p)
+        for p, buf in self._pending_gv.items():   # LookSAM's g_v joins the base's state, now that
+            self.state[p]["looksam_gv"] = buf       # AdamW has set up its own (it checks len(state))
+        self._pending_gv = {}
         self.steps += 1
         self._opt_called = True         # what an LR scheduler checks to know the optimizer stepped
         if zero_grad:
