@@ -13,7 +13,8 @@
 One optimizer step sees --batch-size examples: micro-batches of --micro-batch-size on every rank,
 accumulated. The loss is the mean over all target tokens of the step (all micro-batches, all
 ranks), so one process and N ranks compute the same gradient. SAM does two forward/backward passes
-per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
+per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost. --sam-variant chooses a
+cheaper one (looksam: 1 + 1/k passes, msam: one pass at w+e; docs/finetune.md).
 
 Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
 model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
