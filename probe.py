@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import common
 import data
+from sam import _local      # a DTensor's local shard, as sam.py's kernels see it
 
 TOPK = 32
 
@@ -137,10 +138,6 @@ def _reshard(model):
     model.parameters() are the DTensor shards once more."""
     if hasattr(model, "reshard"):
         model.reshard()
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _unique(tensors):

@@ -70,7 +70,8 @@ def sam_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for t in held)
 
 
-def measure(model, step_batches, ctx, device, names=tuple(CONFIGS), rounds=2, steps=5, log=print) -> dict:
+def measure(model, step_batches, ctx, device, names=tuple(CONFIGS), rounds=2, steps=5,
+            log=lambda m: print(m, flush=True)) -> dict:
     """{name: {"ratio", "passes", "sam_mb", "peak_extra_mb", "step_s"}}; step_batches[i] = (batches, targets)."""
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     times = {n: [] for n in names}
