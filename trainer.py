@@ -123,6 +123,9 @@ class SAMMixin:
         self._sam_check_launcher()
 
     def _sam_check_launcher(self):
+        if self.sam_kwargs["variant"] == "looksam" and self.args.fp16:
+            raise ValueError("SAMTrainer's LookSAM does not take fp16: a step the GradScaler skips would leave "
+                             "its reused gradient component from an overflowed pass; use bf16=True.")
         if self.is_deepspeed_enabled:
             raise ValueError("SAMTrainer does not run under DeepSpeed: its engine owns backward and the "
                              "optimizer step, so the second pass at w + e cannot be placed; launch with "
