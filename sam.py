@@ -11,7 +11,7 @@ One SAM step, two forward/backward passes:
 and kernels.perturb_ loads it (no host sync). `interval=k` perturbs every k-th step and takes plain
 base-optimizer steps (one pass) in between.
 
-`variant=` (the docstrings of the _variant methods below cite each paper's equation):
+`variant=` (the docstrings of _gradient_perturb, _msam_perturb and _looksam_gradient cite each paper):
   "sam"      Foret et al. 2021, above. Two passes a step.
   "asam"     Kwon et al. 2021: e = rho * w^2 g / || |w| g ||. Two passes. (`adaptive=True` = this.)
   "samon"    Mueller et al. 2023 (SAM-ON): SAM on the normalisation parameters only (`perturb_only=`
@@ -223,10 +223,6 @@ class SAM(torch.optim.Optimizer):
         """Whether first_step() comes before the step's (only) pass: Momentum-SAM."""
         return self.variant == "msam"
 
-    @property
-    def passes_this_step(self) -> int:
-        return 2 if self.perturbs_this_step else 1
-
     # ------------------------------------------------------------------------- the two steps
 
     @torch.no_grad()
@@ -254,9 +250,10 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _gradient_perturb(self, scaler):
-        """SAM (Foret et al. 2021, eq. 2): e = rho g / ||g||; ASAM (Kwon et al. 2021, eq. 8 with
-        T_w = |w|): e = rho T_w^2 g / ||T_w g||; SAM-ON (Mueller et al. 2023, sec. 3): eq. 2 on
-        the normalisation parameters alone, the norm over their gradient only."""
+        """SAM (Foret et al. 2021, eq. 2 with p = 2): e = rho g / ||g||; ASAM (Kwon et al. 2021,
+        Algorithm 1 with the elementwise operator T_w = |w|): e = rho T_w^2 g / ||T_w g||; SAM-ON
+        (Mueller et al. 2023): SAM's e on the normalisation parameters alone, the norm over their
+        gradient only, the others unperturbed."""
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(self)       # records first-pass infs, so scaler.update() backs off
         self._scaler = scaler
@@ -382,9 +379,10 @@ class SAM(torch.optim.Optimizer):
 
     def _looksam_gradient(self, two_pass: bool):
         """LookSAM (Liu et al. 2022, Algorithm 1): on a SAM step (every k-th), g_s = grad at w + e
-        and g_v = g_s - ||g_s|| cos(theta) g / ||g|| = g_s - (g.g_s / ||g||^2) g is kept (eq. 5);
-        in between, the base steps with g_s = g + alpha ||g|| / ||g_v|| g_v (eq. 6). A zero g_v
-        (g_s parallel to g, as when w + e == w) adds nothing instead of dividing by zero."""
+        and g_v = g_s - ||g_s|| cos(theta) g / ||g|| = g_s - (g.g_s / ||g||^2) g is kept; in
+        between, the base steps with g_s = g + alpha ||g|| / ||g_v|| g_v. A zero g_v (g_s parallel
+        to g, as when w + e == w: the same dot product gives c = 1 exactly) adds nothing instead of
+        dividing by zero."""
         params = [p for p in self._params() if p.grad is not None and
                   (p in self._pending_gv or "looksam_gv" in self.state.get(p, {}))]
         if not params:
