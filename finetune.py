@@ -4,6 +4,7 @@
     python finetune.py --model tiny --data gsm8k --limit 64 --batch-size 8 --max-len 256 --out runs/t
     python finetune.py --model M --data open-platypus --out runs/p --sam --rho 0.05 --epochs 1
     python finetune.py --lora 16 --sam --rho 0.05        # LoRA adapters only (peft), merged at the end
+    python finetune.py --sam --sam-variant looksam --sam-interval 5   # SAM's gradient every 5th step, reused
     python finetune.py ... --eval-every 4 --general-text results/general_text.jsonl   # trajectory.jsonl
     torchrun --nproc_per_node 16 finetune.py --sam --rho 2        # FSDP2; same defaults as above
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank R --master_addr H finetune.py \\
