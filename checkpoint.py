@@ -41,7 +41,7 @@ import common
 TRAJECTORY = ("model", "data", "sam", "rho", "adaptive", "sam_interval", "epochs", "lr", "batch_size",
               "micro_batch_size", "max_len", "warmup_ratio", "weight_decay", "seed", "rehearsal",
               "rehearsal_ratio", "max_steps", "limit", "template", "heldout", "grad_clip", "precision",
-              "lora", "lora_alpha", "lora_dropout", "lora_targets")
+              "lora", "lora_alpha", "lora_dropout", "lora_targets", "sam_variant", "looksam_alpha", "warmup_steps")
 FOLDERS = ("checkpoint", ".checkpoint-old", ".checkpoint-tmp")     # where a complete one can be
 
 

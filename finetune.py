@@ -4,6 +4,7 @@
     python finetune.py --model tiny --data gsm8k --limit 64 --batch-size 8 --max-len 256 --out runs/t
     python finetune.py --model M --data open-platypus --out runs/p --sam --rho 0.05 --epochs 1
     python finetune.py --lora 16 --sam --rho 0.05        # LoRA adapters only (peft), merged at the end
+    python finetune.py --sam --sam-variant looksam --sam-interval 5   # SAM's gradient every 5th step, reused
     python finetune.py ... --eval-every 4 --general-text results/general_text.jsonl   # trajectory.jsonl
     torchrun --nproc_per_node 16 finetune.py --sam --rho 2        # FSDP2; same defaults as above
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank R --master_addr H finetune.py \\
@@ -14,7 +15,8 @@
 One optimizer step sees --batch-size examples: micro-batches of --micro-batch-size on every rank,
 accumulated. The loss is the mean over all target tokens of the step (all micro-batches, all
 ranks), so one process and N ranks compute the same gradient. SAM does two forward/backward passes
-per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost.
+per step (at w and at w+e): 1 SAM epoch costs what 2 AdamW epochs cost. --sam-variant chooses a
+cheaper one (looksam: 1 + 1/k passes, msam: one pass at w+e; docs/finetune.md).
 
 Writes into --out: the Hugging Face model (config, safetensors, tokenizer; with --lora the merged
 model, and the adapter in adapter/), args.json, metrics.jsonl (one line per step), heldout.jsonl,
@@ -48,7 +50,7 @@ import data
 import probe
 import runconfig
 import tracking
-from sam import SAM
+from sam import SAM, VARIANTS, normalization_parameters
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TEMPLATES = data.TEMPLATES          # Args has a field named `data`
@@ -65,9 +67,15 @@ class Args:
     data: str = opt("gsm8k", "dataset name (python data.py lists them), hub id, or .json/.jsonl file")
     out: str = opt("runs/finetune", "output folder")
     sam: bool = opt(False, "SAM (sam.py) around AdamW")
-    rho: float = opt(2.0, "SAM radius (the paper's 2; README: choosing rho)")
-    adaptive: bool = opt(False, "ASAM: perturbation scaled by |w|")
-    sam_interval: int = opt(1, "perturb every k-th step (1: every step)")
+    rho: float = opt(0.02, "SAM radius, fitted to SmolLM2-135M: 0.02 raises its loss by about 0.1-0.5 nats "
+                     "at w+e (the study's value); the paper's 2 suits Llama-2-7B and makes SmolLM2 learn "
+                     "nothing (docs/finetune.md: choosing rho)")
+    sam_variant: str | None = opt(None, "with --sam: sam (default), asam, looksam (SAM gradient every "
+                                  "--sam-interval steps, reused between), msam (Momentum-SAM, one pass), "
+                                  "samon (only the norm layers); docs/finetune.md", choices=VARIANTS)
+    adaptive: bool = opt(False, "ASAM: perturbation scaled by |w| (the same as --sam-variant asam)")
+    sam_interval: int = opt(1, "perturb every k-th step (1: every step); LookSAM's k")
+    looksam_alpha: float = opt(0.7, "LookSAM: weight of the reused gradient component (Liu et al.: 0.7)")
     lora: int = opt(0, "LoRA rank R (0: full fine-tuning); only the adapters train")
     lora_alpha: float = opt(16.0, "LoRA scale numerator (the update is alpha / R * B A)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -130,8 +138,8 @@ def main(args: Args) -> dict:
     owns_group = not dist.is_initialized()      # a caller's process group is left running
     rank, world, device = common.init_distributed()
     check(args, world)
-    precision = resolve_precision(args.precision, device)
-    ctx = autocast_ctx(precision, device)
+    precision = probe.resolve_precision(args.precision, device)     # one policy, probe.py's
+    ctx = probe.autocast_ctx(precision, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     out = Path(args.out)
@@ -158,25 +166,24 @@ def main(args: Args) -> dict:
     model = setup_model(args, rank, device, precision)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # optimizer: AdamW, or SAM around AdamW (fused: one kernel, no parameter-sized temporaries)
-    kw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    opt = SAM(params, torch.optim.AdamW, rho=args.rho, adaptive=args.adaptive, interval=args.sam_interval,
-              **kw) if args.sam else torch.optim.AdamW(params, **kw)
+    # optimizer: AdamW, or SAM (a variant) around AdamW (fused: one kernel, no parameter-sized temporaries)
+    optimizer = build_optimizer(args, model, params)
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total)
-    sched = cosine_with_warmup(opt, min(total, max(1, warmup)), total)
+    sched = cosine_with_warmup(optimizer, min(total, max(1, warmup)), total)
+    take_step = optimizer.second_step if args.sam else optimizer.step     # SAM restores w, then AdamW
     common.log(f"{world} rank(s) on {device.type}, {precision} compute over fp32 weights, {total} steps of "
                f"{args.batch_size} examples ({per_step // world} micro-batches of {args.micro_batch_size} "
                f"per rank), {sum(p.numel() for p in params):,} trainable parameters")
 
     start, summary = 0, {}
     if args.resume and checkpoint.find(out):
-        meta = checkpoint.load(out, model, opt, sched, dataclasses.asdict(args))
+        meta = checkpoint.load(out, model, optimizer, sched, dataclasses.asdict(args))
         start, summary = meta["step"], meta["summary"]
         common.log(f"resumed from {out}/checkpoint at step {start} (written by {meta['world']} rank(s))")
     if common.is_main():                        # after a refused resume, args.json stays the old run's
         common.write_json(out / "args.json", {**dataclasses.asdict(args), "world": world,
                                               "compute_precision": precision})
-    rows = read_log(out / "metrics.jsonl", start)
+    rows = truncate_log(out / "metrics.jsonl", start)
     probes = Probes(args, model, tokenizer, held, ctx, device, out, start) if args.eval_every else None
     if start == 0:      # the held-out loss at the start: the probe's, when it runs (one pass, not two)
         if probes:
@@ -194,7 +201,7 @@ def main(args: Args) -> dict:
                                       {"compute": f"{precision} over fp32 weights, {world} rank(s)"})
     bar = tracking.Progress(total, initial=start, desc="fine-tuning")    # a bar on a terminal only
 
-    # the loop: one optimizer step = every micro-batch of the step, once (AdamW) or twice (SAM)
+    # the loop: one optimizer step = every micro-batch of the step, once (AdamW, msam) or twice (SAM)
     plan, plan_epoch, t0 = None, -1, time.time()
     elapsed0 = rows[-1]["elapsed"] if rows else 0.0
     for step in range(start, total):
@@ -206,19 +213,16 @@ def main(args: Args) -> dict:
         targets = sum(n_targets(examples[j]) for mb in step_mbs for j in mb)
         t = time.time()
 
-        row = {"loss": forward_backward(model, batches, targets, ctx, device, world)}    # g at w
-        if args.sam and opt.perturbs_this_step:            # with --sam-interval k, every k-th step
-            opt.first_step(zero_grad=True)                 # w <- w + rho g / ||g||, w kept exactly
+        if args.sam and optimizer.perturbs_before_pass:    # Momentum-SAM: w <- w - rho m / ||m||
+            optimizer.first_step()
+        row = {"loss": forward_backward(model, batches, targets, ctx, device, world)}    # g at w (msam: w+e)
+        if args.sam and optimizer.perturbs_this_step:      # LookSAM and --sam-interval k: every k-th step
+            optimizer.first_step(zero_grad=True)           # w <- w + rho g / ||g||, w kept exactly
             row["loss_perturbed"] = forward_backward(model, batches, targets, ctx, device, world)  # g' at w+e
-            row["grad_norm_perturbed"] = clip(params, args.grad_clip)
-            opt.second_step(zero_grad=True)                # w restored, AdamW steps with g'
-            row["grad_norm"] = scalar(opt.last_grad_norm)
-            row["perturbation_norm"] = scalar(opt.last_perturbation_norm)
-        else:
-            row["grad_norm"] = clip(params, args.grad_clip)
-            opt.second_step(zero_grad=True) if args.sam else opt.step()
-            opt.zero_grad(set_to_none=True)
-        row["lr"] = sched.get_last_lr()[0]
+        grad_norm = clip(params, args.grad_clip)           # of the gradient AdamW steps with
+        take_step()                                        # SAM: w restored (LookSAM: g_v added), AdamW
+        optimizer.zero_grad(set_to_none=True)
+        row.update(step_norms(optimizer, row, grad_norm), lr=sched.get_last_lr()[0])
         sched.step()
 
         dt = time.time() - t
@@ -245,7 +249,7 @@ def main(args: Args) -> dict:
                 common.write_text(out / f"step{step + 1}" / "README.md", card(step + 1))
         stop = args.stop_after is not None and args.stop_after <= step + 1 < total
         if stop or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total):
-            checkpoint.save(out, model, opt, sched, step + 1,
+            checkpoint.save(out, model, optimizer, sched, step + 1,
                             {"world": world, "args": dataclasses.asdict(args), "summary": summary})
         if stop:
             common.log(f"stopped after step {step + 1} (checkpoint saved; rerun with --resume)")
@@ -265,6 +269,7 @@ def main(args: Args) -> dict:
     checkpoint.save_final(out, model, tokenizer)
     final = {**summary, "heldout_items": len(held), "steps": total, "steps_per_epoch": spe,
              "data_stats": stats, "compute_precision": precision, "optimizer": "SAM" if args.sam else "AdamW",
+             "sam_variant": optimizer.variant if args.sam else None,
              "lora": args.lora, "trainable_params": sum(p.numel() for p in params), "world": world,
              "passes": sum(r["passes"] for r in rows), "micro_batch_passes": sum(r["micro_batch_passes"] for r in rows)}
     if common.is_main():
@@ -300,23 +305,13 @@ def check(args: Args, world: int):
                          "`python data.py --general-text PATH`).")
     if args.lora < 0:
         raise ValueError(f"--lora {args.lora}: the LoRA rank must be >= 1 (or 0 for full fine-tuning).")
-
-
-def resolve_precision(precision: str, device) -> str:
-    """auto: bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16); fp32 elsewhere,
-    where bf16 matmuls are emulated and run 10-100x slower than fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    units = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in units) else "fp32"
-
-
-def autocast_ctx(precision: str, device):
-    if precision == "fp32" or (dist.is_initialized() and device.type == "cuda"):   # FSDP2 policy casts
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    if (args.sam_variant or args.adaptive) and not args.sam:
+        raise ValueError("--sam-variant and --adaptive choose a SAM variant; add --sam (without it the run is AdamW).")
+    if args.adaptive and args.sam_variant not in (None, "asam"):
+        raise ValueError(f"--adaptive is --sam-variant asam; drop it or --sam-variant {args.sam_variant}.")
+    if args.sam and args.sam_variant == "samon" and args.lora:
+        raise ValueError("--sam-variant samon perturbs the norm layers, which --lora freezes; drop --lora "
+                         "or choose another variant.")
 
 
 def build_data(args: Args, tokenizer, out: Path):
@@ -397,26 +392,31 @@ def add_lora(model, args: Args):
     return get_peft_model(model, config)
 
 
-def cosine_with_warmup(opt, warmup: int, total: int):
+def build_optimizer(args: Args, model, params):
+    """fused AdamW, or sam.SAM around it with the chosen variant (sam.py's docstring has them all)."""
+    kw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    if not args.sam:
+        return torch.optim.AdamW(params, **kw)
+    variant = "asam" if args.adaptive else args.sam_variant or "sam"
+    only = normalization_parameters(model) if variant == "samon" else None
+    return SAM(params, torch.optim.AdamW, rho=args.rho, variant=variant, interval=args.sam_interval,
+               looksam_alpha=args.looksam_alpha, perturb_only=only, **kw)
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int):
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)    # SAM shares AdamW's param_groups
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)    # SAM shares AdamW's param_groups
 
 
 # ----------------------------------------------------------------------------- one pass
 
 def loss_sum(model, batch: dict, ctx) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of one micro-batch. The vocabulary
-    projection runs only where a target is predicted (a boolean `logits_to_keep`): prompt positions
-    cost no logits, which saves memory and time with a 49k vocabulary."""
-    keep = batch["labels"][:, 1:] != data.IGNORE                   # position t predicts token t + 1
-    kw = {"logits_to_keep": torch.nn.functional.pad(keep, (0, 1), value=False)} \
-        if probe.keeps_logits(model) else {}
-    with ctx:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    return common.token_loss(logits, batch["labels"])
+    """Summed next-token cross-entropy over the target tokens of one micro-batch (logits only where
+    a target is predicted: common.target_logits)."""
+    return common.token_loss(common.target_logits(model, batch, ctx), batch["labels"])
 
 
 def forward_backward(model, batches: list, step_targets: int, ctx, device, world: int) -> float:
@@ -440,6 +440,18 @@ def n_targets(example: dict) -> int:
 
 def scalar(x) -> float:
     return float(x.full_tensor() if isinstance(x, DTensor) else x)
+
+
+def step_norms(optimizer, row: dict, grad_norm: float) -> dict:
+    """grad_norm = ||g|| at w, grad_norm_perturbed = ||g'|| at w + e, perturbation_norm = ||e||
+    (global, before clipping). Momentum-SAM's one gradient is at w + e: its grad_norm is that one."""
+    if "loss_perturbed" in row:
+        return {"grad_norm": scalar(optimizer.last_grad_norm), "grad_norm_perturbed": grad_norm,
+                "perturbation_norm": scalar(optimizer.last_perturbation_norm)}
+    if getattr(optimizer, "perturbs_before_pass", False):
+        e = optimizer.last_perturbation_norm
+        return {"grad_norm": grad_norm, "perturbation_norm": 0.0 if e is None else scalar(e)}
+    return {"grad_norm": grad_norm}
 
 
 def clip(params, max_norm: float) -> float:
@@ -467,18 +479,18 @@ class Probes:
             w0 = None if self.lora else probe.snapshot(model.parameters())
         else:
             start_model = setup_model(args, common.rank_world()[0], device,
-                                      resolve_precision(args.precision, device))
+                                      probe.resolve_precision(args.precision, device))
             self.ref = probe.reference(start_model, self.text, ctx, device)
             w0 = probe.snapshot(start_model.parameters())
             del start_model
         self.w0, self.params = w0, list(model.parameters())
-        read_log(self.path, start)
+        truncate_log(self.path, start)
 
     def take(self, step: int, elapsed: float):
         t = time.time()
         row = {"step": step, "elapsed": elapsed, **probe.point(
-            self.model, self.text, self.ref, self.held, self.args.micro_batch_size, self.pad, self.ctx,
-            self.device, self.params, self.w0)}
+            self.model, text=self.text, ref=self.ref, held=self.held, micro=self.args.micro_batch_size,
+            pad_id=self.pad, ctx=self.ctx, device=self.device, params=self.params, start=self.w0)}
         if self.lora:
             row["displacement"] = probe.lora_displacement(self.model)
         row["probe_s"] = time.time() - t
@@ -491,8 +503,9 @@ class Probes:
         return row
 
 
-def read_log(path: Path, upto: int) -> list:
-    """Rows of a JSONL log up to step `upto` (a resumed run rewrites the rest; a new run starts empty)."""
+def truncate_log(path: Path, upto: int) -> list:
+    """Cut a JSONL log back to its rows up to step `upto` and return them: a resumed run rewrites
+    the rest, a new run starts empty (rank 0 writes the file)."""
     rows = [r for r in common.read_jsonl(path) if r["step"] <= upto] if upto and path.exists() else []
     if common.is_main():
         common.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -501,8 +514,8 @@ def read_log(path: Path, upto: int) -> list:
 
 def log_line(row: dict, total: int, sec_per_step: float):
     eta = sec_per_step * (total - row["step"])
-    extra = (f" | loss@w+e {row['loss_perturbed']:.4f} | pnorm {row['perturbation_norm']:.3g}"
-             if "loss_perturbed" in row else "")
+    extra = f" | loss@w+e {row['loss_perturbed']:.4f}" if "loss_perturbed" in row else ""
+    extra += f" | pnorm {row['perturbation_norm']:.3g}" if "perturbation_norm" in row else ""
     common.log(f"step {row['step']}/{total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f}{extra} | "
                f"gnorm {row['grad_norm']:.3g} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
                f"eta {int(eta // 60)}m{int(eta % 60):02d}s")

@@ -22,10 +22,10 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import common
 import data
+from sam import _local      # a DTensor's local shard, as sam.py's kernels see it
 
 TOPK = 32
 
@@ -48,22 +48,31 @@ class GeneralText:
 
 def _target_logprobs(model, batch, ctx, device):
     """log-softmax rows at the target positions of a batch ([N, V], fp32) and each row's passage slot."""
-    labels = batch["labels"].to(device)
-    keep = labels[:, 1:] != common.IGNORE
-    kw = {"logits_to_keep": F.pad(keep, (0, 1), value=False)} if keeps_logits(model) else {}
-    with ctx:
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), **kw).logits
+    batch = {k: v.to(device) for k, v in batch.items()}
+    keep = batch["labels"][:, 1:] != common.IGNORE
+    logits = common.target_logits(model, batch, ctx)
     if logits.dim() == 3:
         logits = logits[:, :-1][keep]
-    return logits.float().log_softmax(-1), labels[:, 1:][keep], keep.nonzero()[:, 0]
+    return logits.float().log_softmax(-1), batch["labels"][:, 1:][keep], keep.nonzero()[:, 0]
 
 
-def keeps_logits(model) -> bool:
-    """Whether the model's forward takes a boolean `logits_to_keep` (project only where needed)."""
-    import inspect
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model     # peft passes it on
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+def resolve_precision(precision: str, device) -> str:
+    """The one precision policy (finetune.py and probe.py): auto is bf16 on GPUs and on CPUs with
+    bf16 matrix units (AMX / AVX512-BF16); fp32 elsewhere, where bf16 matmuls are emulated and run
+    10-100x slower than fp32. Weights stay fp32 either way."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    units = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in units) else "fp32"
+
+
+def autocast_ctx(precision: str, device):
+    """bf16 autocast over fp32 weights; none for fp32, or under FSDP2 on GPUs (its policy casts)."""
+    if precision == "fp32" or (dist.is_initialized() and device.type == "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
@@ -117,10 +126,7 @@ def heldout_loss(model, examples: list, micro: int, pad_id: int, ctx, device) ->
         batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in order[j:j + micro]],
                                                            pad_id).items()}
         keep = batch["labels"][:, 1:] != common.IGNORE
-        kw = {"logits_to_keep": F.pad(keep, (0, 1), value=False)} if keeps_logits(model) else {}
-        with ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-        total += float(common.token_loss(logits, batch["labels"]))
+        total += float(common.token_loss(common.target_logits(model, batch, ctx), batch["labels"]))
         count += int(keep.sum())
     _reshard(model)
     model.train()
@@ -132,10 +138,6 @@ def _reshard(model):
     model.parameters() are the DTensor shards once more."""
     if hasattr(model, "reshard"):
         model.reshard()
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _unique(tensors):
@@ -186,19 +188,20 @@ def lora_displacement(model) -> float:
     return math.sqrt(moved / float(norm)) if norm > 0 else 0.0
 
 
-def point(model, text, ref, held_examples, micro, pad_id, ctx, device, params=None, start=None) -> dict:
+def point(model, *, text, ref, held, micro: int, pad_id: int, ctx, device, params=None, start=None) -> dict:
+    """The probes at the model's current weights; displacement from `start` (w0) when given."""
     nll, kl = general(model, text, ref, ctx, device)
-    return {"heldout_loss": heldout_loss(model, held_examples, micro, pad_id, ctx, device),
+    return {"heldout_loss": heldout_loss(model, held, micro, pad_id, ctx, device),
             "general_nll": sum(nll) / len(nll), "kl_to_start": sum(kl) / len(kl),
             "displacement": displacement(params, start) if start is not None else None,
             "general_nll_passages": nll, "kl_passages": kl}
 
 
 def main(model: str, start: str, general_text: str, heldout: str | None = None, out: str | None = None,
-         template: str = "alpaca", max_len: int = 512, micro: int = 8) -> dict:
+         template: str = "alpaca", max_len: int = 512, micro: int = 8, precision: str = "auto") -> dict:
     """One point for a model folder, measured against the start model (its reference and w0)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    ctx = autocast_ctx(resolve_precision(precision, device), device)
     tokenizer = common.load_tokenizer(model)
     text = GeneralText(data.load_general_text(general_text), tokenizer, micro)
     base = common.load_model(start, device=device)
@@ -215,7 +218,8 @@ def main(model: str, start: str, general_text: str, heldout: str | None = None, 
     if heldout:
         held, _ = data.tokenize(data.load_records(heldout), tokenizer, max_len, template)
     result = {"model": model, "start": start,
-              **point(net, text, ref, held, micro, tokenizer.pad_token_id, ctx, device, list(net.parameters()), w0)}
+              **point(net, text=text, ref=ref, held=held, micro=micro, pad_id=tokenizer.pad_token_id, ctx=ctx,
+                      device=device, params=list(net.parameters()), start=w0)}
     if out:
         common.write_json(out, result)
     common.log(f"{model}: held-out loss {result['heldout_loss']}, general NLL {result['general_nll']:.4f}, "
@@ -234,8 +238,10 @@ if __name__ == "__main__":
     p.add_argument("--template", default="alpaca", choices=data.TEMPLATES)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--micro", type=int, default=8, help="passages per forward pass")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="as finetune.py's: auto is bf16 where the hardware computes it fast")
     a = p.parse_args()
     try:
-        main(a.model, a.start, a.general_text, a.heldout, a.out, a.template, a.max_len, a.micro)
+        main(a.model, a.start, a.general_text, a.heldout, a.out, a.template, a.max_len, a.micro, a.precision)
     except (ValueError, FileNotFoundError) as e:
         common.die(str(e))

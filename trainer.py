@@ -11,8 +11,10 @@
     torchrun --nproc_per_node 8 my_train.py         # DDP, as with any Trainer script
     python examples/sft_sam.py --model tiny         # SFTTrainer + SAM on a chat set, offline
 
-Arguments: `rho` (radius, > 0), `adaptive` (ASAM), `sam_interval` (perturb every k-th optimizer
-step, plain steps in between). The base optimizer is whatever `TrainingArguments.optim` (or
+Arguments: `rho` (radius, > 0), `sam_variant` ("sam", "asam", "looksam", "msam", "samon": sam.py's
+docstring and docs/finetune.md describe them; SAM-ON perturbs the model's normalisation layers),
+`adaptive` (= "asam"), `sam_interval` (perturb every k-th optimizer step, plain steps in between;
+LookSAM's k), `looksam_alpha`. The base optimizer is whatever `TrainingArguments.optim` (or
 `optimizer_cls_and_kwargs`) selects, built with the Trainer's own parameter groups and kwargs
 (weight decay off for biases and norms) and wrapped in `sam.SAM`.
 
@@ -26,15 +28,18 @@ One optimizer step of the Trainer with gradient_accumulation_steps = n:
   3. the Trainer clips that second gradient (`max_grad_norm`) and calls `optimizer.step()`,
      which is `second_step`: w restored bit for bit, the base optimizer steps with g'; then the
      LR scheduler steps as usual.
+Momentum-SAM perturbs at the window's first micro-batch, before its forward (one pass a step).
+LookSAM refuses fp16 (sam.py says why).
 fp16: the Trainer's GradScaler goes to both SAM steps; accelerate's unscale for clipping lands on
 the base optimizer, and a non-finite gradient in either pass skips the step (the scheduler does
 not advance, as in the Trainer) and backs the scale off. bf16 autocast needs nothing special.
 
-Logs (with the Trainer's `loss`, `grad_norm` = ||g'|| before clipping, `learning_rate`):
-`loss_perturbed` (the loss at w + e, averaged like `loss` over the SAM steps since the last log),
-`loss_rise` (loss_perturbed - loss), `sam_grad_norm` (||g||, the global first-pass gradient norm of
-the latest SAM step) and `perturbation_norm` (||e|| of that step). They reach the trackers of
-`TrainingArguments(report_to=...)` (TensorBoard, W&B; "tensorboard,wandb" is split at the commas).
+Logs, the names finetune.py's metrics.jsonl uses: `loss` (at w), `loss_perturbed` (at w + e,
+averaged like `loss` over the SAM steps since the last log), `loss_rise` (loss_perturbed - loss), and
+when the latest step took two passes `grad_norm` = ||g|| at w (global, after unscaling),
+`grad_norm_perturbed` = ||g'|| before clipping (the Trainer's own grad_norm, renamed) and
+`perturbation_norm`. They reach the trackers of `TrainingArguments(report_to=...)` (TensorBoard, W&B;
+"tensorboard,wandb" is split at the commas).
 TRL's own training metrics (token count, token accuracy, entropy) describe the first pass only.
 
 Refused with one sentence each (docs/trainer.md says why): DeepSpeed, FSDP1, optimizers the
@@ -48,7 +53,7 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer
 
-from sam import SAM
+from sam import SAM, normalization_parameters
 
 _NOT_WRAPPABLE = ("params", "model", "optimizer_dict")     # kwargs of optimizers the Trainer builds specially
 
@@ -91,11 +96,11 @@ class _SAMStep(AcceleratedOptimizer):
         self.sam.load_state_dict(state_dict)
 
 
-def _bind_sam(base_cls, rho, adaptive, interval):
+def _bind_sam(base_cls, **sam_kwargs):
     """A SAM class around `base_cls` with SAM's arguments bound, for the Trainer to build like any
     optimizer class (its name keeps the base's, which the Trainer checks for bitsandbytes)."""
     def __init__(self, params, **base_kwargs):
-        SAM.__init__(self, params, base_cls, rho=rho, adaptive=adaptive, interval=interval, **base_kwargs)
+        SAM.__init__(self, params, base_cls, **sam_kwargs, **base_kwargs)
     name = f"SAM[{base_cls.__module__}.{base_cls.__qualname__}]"
     return type(name, (SAM,), {"__init__": __init__, "__module__": __name__})
 
@@ -103,16 +108,19 @@ def _bind_sam(base_cls, rho, adaptive, interval):
 class SAMMixin:
     """Turns a transformers.Trainer subclass into a SAM trainer: `class X(SAMMixin, SFTTrainer)`."""
 
-    def __init__(self, *args, rho: float = 0.05, adaptive: bool = False, sam_interval: int = 1, **kwargs):
+    def __init__(self, *args, rho: float = 0.05, sam_variant: str = "sam", adaptive: bool = False,
+                 sam_interval: int = 1, looksam_alpha: float = 0.7, **kwargs):
         # SAM's own checks, so a bad value fails here, before any model is touched
-        SAM([torch.zeros(1, requires_grad=True)], torch.optim.SGD, rho=rho, adaptive=adaptive,
-            interval=sam_interval, lr=0.0)
-        self.sam_rho, self.sam_adaptive, self.sam_interval = rho, adaptive, sam_interval
+        probe = [torch.zeros(1, requires_grad=True)]
+        self.sam_kwargs = dict(rho=rho, variant=sam_variant, adaptive=adaptive, interval=sam_interval,
+                               looksam_alpha=looksam_alpha)
+        SAM(probe, torch.optim.SGD, **self.sam_kwargs, perturb_only=probe if sam_variant == "samon" else None,
+            lr=0.0)
         self.sam = None                 # the sam.SAM object, built by create_optimizer
         self._sam_window = []           # this optimizer step's micro-batches, for the second pass
         self._sam_loss_sum = None       # loss at w + e, summed over SAM steps since the last log
         self._sam_steps = 0
-        self._sam_grad_norm = None
+        self._sam_norms = None          # (||g||, ||e||) of the latest step if it took two passes
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None:           # report_to="tensorboard,wandb" as finetune.py --report-to takes it
             targs.report_to = [n.strip() for r in targs.report_to for n in r.split(",") if n.strip() != "none"]
@@ -120,6 +128,9 @@ class SAMMixin:
         self._sam_check_launcher()
 
     def _sam_check_launcher(self):
+        if self.sam_kwargs["variant"] == "looksam" and self.args.fp16:
+            raise ValueError("SAMTrainer's LookSAM does not take fp16: a step the GradScaler skips would leave "
+                             "its reused gradient component from an overflowed pass; use bf16=True.")
         if self.is_deepspeed_enabled:
             raise ValueError("SAMTrainer does not run under DeepSpeed: its engine owns backward and the "
                              "optimizer step, so the second pass at w + e cannot be placed; launch with "
@@ -152,8 +163,9 @@ class SAMMixin:
                                  "factory or per layer, not as one optimizer over parameter groups; choose a "
                                  "plain optimizer such as adamw_torch, adamw_torch_fused or sgd.")
             # the Trainer builds SAM exactly as it would build the base optimizer (same groups, same kwargs)
-            self.optimizer_cls_and_kwargs = (_bind_sam(cls, self.sam_rho, self.sam_adaptive, self.sam_interval),
-                                             kwargs)
+            model = self.model if model is None else model
+            only = normalization_parameters(model) if self.sam_kwargs["variant"] == "samon" else None
+            self.optimizer_cls_and_kwargs = (_bind_sam(cls, **self.sam_kwargs, perturb_only=only), kwargs)
             try:
                 super().create_optimizer(model)
             finally:
@@ -169,12 +181,15 @@ class SAMMixin:
         return super().train(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._sam_window and self.sam.perturbs_before_pass:    # Momentum-SAM, before the pass
+            self.sam.first_step()
         self._sam_window.append(dict(inputs))     # a copy: compute_loss may pop or add keys
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.sync_gradients:   # not the last micro-batch of this optimizer step
             return loss
         window, self._sam_window = self._sam_window, []
-        if not self.sam.perturbs_this_step:       # sam_interval > 1: a plain step
+        self._sam_norms = None
+        if not self.sam.perturbs_this_step:       # sam_interval > 1, LookSAM between, msam: one pass
             return loss
         self.sam.first_step(zero_grad=True, scaler=self.optimizer.scaler)
         kept = self._sam_save_metrics()
@@ -187,7 +202,7 @@ class SAMMixin:
         self._sam_restore_metrics(kept)
         self._sam_loss_sum = perturbed if self._sam_loss_sum is None else self._sam_loss_sum + perturbed
         self._sam_steps += 1
-        self._sam_grad_norm = self.sam.last_grad_norm
+        self._sam_norms = (self.sam.last_grad_norm, self.sam.last_perturbation_norm)
         return loss
 
     def _sam_save_metrics(self):
@@ -212,10 +227,12 @@ class SAMMixin:
         if "loss" in logs and self._sam_steps:     # a training log (same on every rank: a collective follows)
             mean = self.accelerator.gather(self._sam_loss_sum.reshape(1)).mean() / self._sam_steps
             logs["loss_perturbed"] = mean.item()
-            logs["sam_grad_norm"] = self._sam_grad_norm.item()
-            logs["perturbation_norm"] = self.sam.last_perturbation_norm.item()     # ||e||
             logs["loss_rise"] = logs["loss_perturbed"] - logs["loss"]     # L(w + e) - L(w), this log window
             self._sam_loss_sum, self._sam_steps = None, 0
+        if "loss" in logs and self._sam_norms is not None:    # the Trainer's grad_norm is then ||g'||
+            if "grad_norm" in logs:
+                logs["grad_norm_perturbed"] = logs["grad_norm"]
+            logs["grad_norm"], logs["perturbation_norm"] = (x.item() for x in self._sam_norms)
         super().log(logs, start_time)
 
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import kernels  # noqa: E402
-from finetune import resolve_precision  # noqa: E402
+from probe import resolve_precision  # noqa: E402
 from sam import SAM  # noqa: E402
 
 LLAMA7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 3 + [(4096,)] * 2

@@ -19,12 +19,16 @@ Checks, in order (each is timed, and one that raises is recorded as an error; th
   sam_vs_adamw     one SAM step / one AdamW step (time and peak memory) on a randomly initialised
                    TinyLlama-1.1B-shaped Llama, fp32 master weights, FSDP2 with finetune.py's policy
                    (MixedPrecisionPolicy: bf16 compute, fp32 gradient reduction) on one GPU;
+  sam_variants     bench/bench_variants.py's measure(): every SAM variant's step time and peak memory
+                   over AdamW's, interleaved rounds, on an unsharded TinyLlama-1.1B-shaped Llama with
+                   fp32 master weights and bf16 autocast (finetune.py's one-GPU setting);
   finetune_resume  finetune.py --sam under `torchrun --nproc_per_node 1` for a few steps on a model
                    and tokenizer built here, stopped with a checkpoint, then --resume to the end;
   evaluate_speed   evaluate.score_items (packed) against one forward row per request (lm-eval's
                    strategy, written here) on the same items and model: answers identical, items/s.
 Targets (recorded, met or not; --strict-targets turns a miss into a failure): Triton perturb+restore
->= 85% of copy bandwidth and faster than _foreach; SAM step <= 2.05x AdamW at 1B; evaluate >= 2x.
+>= 85% of copy bandwidth and faster than _foreach; SAM step <= 2.05x AdamW at 1B; variants: msam <=
+1.15x, looksam k=5 <= 1.35x, interval 5 <= 1.3x, sam and samon <= 2.05x; evaluate >= 2x.
 Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md after every check (a cut-off run keeps what it
 finished), prints one line per check, and exits 1 if any check failed. docs/gpu.md: how to run it.
 """
@@ -52,8 +56,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-CHECKS = ("environment", "kernel_tests", "kernel_bandwidth", "sam_vs_adamw", "finetune_resume",
-          "evaluate_speed")
+CHECKS = ("environment", "kernel_tests", "kernel_bandwidth", "sam_vs_adamw", "sam_variants",
+          "finetune_resume", "evaluate_speed")
 IMPORTS = ("common", "data", "finetune", "evaluate", "sam", "kernels")
 TARGETS = {"triton_copy_share": 0.85, "sam_over_adamw": 2.05, "eval_speedup": 2.0}
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -439,6 +443,34 @@ def check_sam_vs_adamw(ctx) -> dict:
         summary += f"; peak +{details['extra_peak_over_param_bytes']:.2f}x param bytes"
     return {"ok": ok, "summary": summary, "target_met": ratio <= TARGETS["sam_over_adamw"],
             "target": f"<= {TARGETS['sam_over_adamw']}x", "details": details}
+
+
+def check_sam_variants(ctx) -> dict:
+    import bench_variants
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dev, smoke = ctx["device"], ctx["smoke"]
+    shape = dict(TINY, vocab_size=512) if smoke else TINYLLAMA
+    micro, seq = (2, 32) if smoke else (4, 1024)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape)).train()
+    gen = torch.Generator().manual_seed(0)
+    step_batches = []
+    for _ in range(3):                  # micro-batch x accumulation 2, every token a target
+        ids = [torch.randint(0, shape["vocab_size"], (micro, seq), generator=gen) for _ in range(2)]
+        step_batches.append(([{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids],
+                             2 * micro * (seq - 1)))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    results = bench_variants.measure(model, step_batches, autocast, dev, rounds=1 if smoke else 2,
+                                     steps=5, log=lambda m: log("  " + m))
+    del model
+    misses = [n for n, r in results.items() if r["target"] is not None and r["ratio"] > r["target"]]
+    summary = ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in results.items() if n != "adamw")
+    return {"ok": all(math.isfinite(r["step_s"]) for r in results.values()), "summary": summary,
+            "target_met": not misses, "target": "msam <= 1.15x, looksam_k5 <= 1.35x, interval5 <= 1.3x, "
+            "sam/samon <= 2.05x", "details": {"model": "TinyLlama-1.1B shapes" + (" (tiny in --smoke)" if smoke else ""),
+                                              "micro_batch": [micro, seq], "accumulation": 2, "results": results,
+                                              "table": bench_variants.table(results)}}
 
 
 def _metrics(out: Path) -> list:

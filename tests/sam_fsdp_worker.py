@@ -5,6 +5,7 @@
 Every rank trains a small Llama for a few SAM steps three ways and writes OUT/rank{r}.json:
 the single-process reference on the full batch; FSDP2 (`fully_shard`, each rank half the batch)
 with the torch kernels and with the Triton kernels (interpreter on CPU); DDP with the torch kernels.
+Then each other variant (asam, looksam with k = 2, msam, samon): reference against FSDP2 (torch kernels).
 """
 import copy
 import json
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-from sam import SAM  # noqa: E402
+from sam import SAM, normalization_parameters  # noqa: E402
 
 STEPS, RHO, LR = 3, 2.0, 1e-3
 
@@ -31,16 +32,24 @@ def build_model():
     return LlamaForCausalLM(config)
 
 
-def train(model, batches, params=None):
-    """STEPS SAM steps (AdamW base); returns the global gradient norm of each step."""
+def train(model, batches, params=None, variant="sam"):
+    """STEPS steps of a SAM variant (AdamW base), sam.py's loop; returns the global norm of each
+    step's perturbation: ||g|| at w, or ||e|| for msam (0 before AdamW has a first moment)."""
+    only = normalization_parameters(model) if variant == "samon" else None
     opt = SAM(params if params is not None else model.parameters(), torch.optim.AdamW, rho=RHO,
-              lr=LR, weight_decay=0.1)
+              lr=LR, weight_decay=0.1, variant=variant, interval=2 if variant == "looksam" else 1,
+              perturb_only=only)
     norms = []
     for ids in batches:
+        if opt.perturbs_before_pass:
+            opt.first_step()
+            e = opt.last_perturbation_norm
+            norms.append(0.0 if e is None else e.item())
         model(input_ids=ids, labels=ids).loss.backward()
-        opt.first_step(zero_grad=True)
-        norms.append(opt.last_grad_norm.item())
-        model(input_ids=ids, labels=ids).loss.backward()
+        if opt.perturbs_this_step:
+            opt.first_step(zero_grad=True)
+            norms.append(opt.last_grad_norm.item())
+            model(input_ids=ids, labels=ids).loss.backward()
         opt.second_step(zero_grad=True)
     return norms
 
@@ -74,6 +83,19 @@ def main(out: str):
         result[f"fsdp_{kernel_path}_max_diff"] = max_diff(ref_weights, gathered)
 
     os.environ["FLATTUNE_KERNELS"] = "torch"
+    for variant in ("asam", "looksam", "msam", "samon"):
+        reference = copy.deepcopy(base)
+        result[f"{variant}_reference_norms"] = train(reference, full, variant=variant)
+        model = copy.deepcopy(base)
+        for layer in common.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        result[f"{variant}_norms"] = train(model, mine, variant=variant)
+        result[f"{variant}_max_diff"] = max_diff({k: v.detach() for k, v in reference.named_parameters()},
+                                                 {k: v.full_tensor() for k, v in model.named_parameters()})
+        result[f"{variant}_moved"] = max_diff({k: v.detach() for k, v in base.named_parameters()},
+                                              {k: v.detach() for k, v in reference.named_parameters()})
+
     ddp = DistributedDataParallel(copy.deepcopy(base))
     result["ddp_norms"] = train(ddp, mine, ddp.parameters())
     result["ddp_max_diff"] = max_diff(ref_weights, dict(ddp.module.named_parameters()))

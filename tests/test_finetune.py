@@ -15,6 +15,7 @@ import checkpoint
 import common
 import data
 import finetune
+import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 # naturalqs: short questions and answers, so a 64-token window holds whole examples
@@ -56,7 +57,7 @@ def test_masked_prompt_tokens_contribute_nothing(tiny_path):
     rec = {"instruction": "Name a color.", "input": "", "output": "Blue"}
     examples, _ = data.tokenize([rec], tok, 64)
     batch = data.collate(examples, tok.pad_token_id)
-    got = finetune.loss_sum(model, batch, finetune.autocast_ctx("fp32", torch.device("cpu")))
+    got = finetune.loss_sum(model, batch, probe.autocast_ctx("fp32", torch.device("cpu")))
     with torch.no_grad():
         logp = model(input_ids=batch["input_ids"]).logits[0].log_softmax(-1)
     ids, n_prompt = batch["input_ids"][0], len(examples[0]["input_ids"]) - 2   # "Blue" + EOS trained

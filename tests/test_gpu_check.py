@@ -10,8 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKS = ["environment", "kernel_tests", "kernel_bandwidth", "sam_vs_adamw", "finetune_resume",
-          "evaluate_speed"]
+CHECKS = ["environment", "kernel_tests", "kernel_bandwidth", "sam_vs_adamw", "sam_variants",
+          "finetune_resume", "evaluate_speed"]
 
 
 def run(*args, timeout=600):
@@ -55,6 +55,11 @@ def test_what_each_check_measured(smoke):
     step = checks["sam_vs_adamw"]["details"]
     assert step["losses_finite"] and step["perturbation_norm"] == pytest.approx(2.0, rel=1e-3)
     assert step["ratio"] > 0 and set(step["ms"]) == {"SAM", "AdamW"}
+    variants = checks["sam_variants"]["details"]["results"]
+    assert set(variants) == {"adamw", "sam", "asam", "samon", "sam_interval5", "looksam_k5", "msam"}
+    assert [variants[n]["passes"] for n in ("adamw", "sam", "looksam_k5", "sam_interval5", "msam")] == \
+        [1.0, 2.0, 1.2, 1.2, 1.0]
+    assert all(r["step_s"] > 0 for r in variants.values()) and variants["msam"]["sam_mb"] > 0
     ft = checks["finetune_resume"]["details"]
     assert ft["runs"][0]["steps"] == [1, 2, 3] and ft["runs"][0]["checkpoint"]
     assert ft["steps"] == [1, 2, 3, 4, 5, 6] and ft["resumed_logged"] and ft["final_json"]

@@ -95,7 +95,8 @@ def test_trajectory_points_agree_with_the_saved_models(tmp_path, general_file, t
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(step2[k], v) for k, v in state.items() if k in step2) and len(step2) >= 10
     # recompute: the end point from the final folder, step 2 from the step-2 folder
-    kw = dict(start="tiny", general_text=str(general_file), heldout=str(out / "heldout.jsonl"), max_len=64)
+    kw = dict(start="tiny", general_text=str(general_file), heldout=str(out / "heldout.jsonl"), max_len=64,
+              precision="fp32")     # the run's precision: one policy, probe.resolve_precision
     end = probe.main(str(out), **kw)
     mid = probe.main(str(out / "step2"), **kw)
     for got, want in ((mid, rows[1]), (end, rows[2])):
@@ -141,7 +142,7 @@ def test_lora_trains_only_adapters_and_exports_a_low_rank_merge(tmp_path, tiny_p
     assert all(torch.equal(again[k], merged[k]) for k in merged)   # (and the step-2 export left training alone)
     # the step-2 export is the merge of the adapters at step 2: probe.py measures what the trajectory did
     mid = probe.main(str(out / "step2"), start="tiny", general_text=str(general_file),
-                     heldout=str(out / "heldout.jsonl"), max_len=64)
+                     heldout=str(out / "heldout.jsonl"), max_len=64, precision="fp32")
     assert mid["general_nll"] == pytest.approx(traj[1]["general_nll"], rel=1e-4)
     assert not (out / "step2" / "adapter_config.json").exists()
     assert [x["step"] for x in common.read_jsonl(tmp_path / "b" / "trajectory.jsonl")] == [0, 2, 4]

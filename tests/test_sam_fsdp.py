@@ -1,4 +1,4 @@
-"""SAM on 2 ranks (gloo, CPU): FSDP2 and DDP runs equal a single-process run, norms agree."""
+"""SAM and its variants on 2 ranks (gloo, CPU): FSDP2 and DDP runs equal a single-process run, norms agree."""
 import json
 import os
 import socket
@@ -41,3 +41,13 @@ def test_both_ranks_use_the_global_norm(results, run):
     assert rank0 == rank1                                     # the very same all-reduced value
     reference = results[0]["reference_norms"]
     assert rank0 == pytest.approx(reference, rel=1e-5)        # the whole model's, not a shard's
+
+
+@pytest.mark.parametrize("variant", ["asam", "looksam", "msam", "samon"])
+def test_each_variant_on_two_fsdp2_ranks_equals_one_process(results, variant):
+    for rank_result in results:
+        assert rank_result[f"{variant}_moved"] > 1e-4                 # it trained
+        assert rank_result[f"{variant}_max_diff"] < 1e-5
+    rank0, rank1 = (r[f"{variant}_norms"] for r in results)
+    assert rank0 == rank1 and len(rank0) >= 2
+    assert rank0 == pytest.approx(results[0][f"{variant}_reference_norms"], rel=1e-5)

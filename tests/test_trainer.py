@@ -22,7 +22,7 @@ LR, RHO = 0.1, 0.5
 
 def train(tmp_path, data, model=None, **kw):
     """One SAMTrainer run from the seeded tiny model; returns (trainer, the start model)."""
-    sam_kw = {k: kw.pop(k) for k in ("rho", "adaptive", "sam_interval") if k in kw}
+    sam_kw = {k: kw.pop(k) for k in ("rho", "adaptive", "sam_interval", "sam_variant") if k in kw}
     model = model or tiny_model()
     start = copy.deepcopy(model)
     trainer = SAMTrainer(model=model, args=training_args(tmp_path, **kw), train_dataset=data,
@@ -49,10 +49,13 @@ def test_accumulated_step_is_sam_by_hand(tmp_path, max_grad_norm):
     with torch.no_grad():
         for p, g in zip(start.parameters(), grads):
             p.add_(g, alpha=RHO / norm.item())
-        perturbed = start(input_ids=ids, labels=ids).loss
+    perturbed = start(input_ids=ids, labels=ids).loss
+    norm_perturbed = torch.sqrt(sum((g * g).sum() for g in torch.autograd.grad(perturbed, list(start.parameters()))))
     assert log["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert log["loss_perturbed"] == pytest.approx(perturbed.item(), rel=1e-5)
-    assert log["sam_grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert log["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert log["perturbation_norm"] == pytest.approx(RHO, rel=1e-5)
+    assert log["grad_norm_perturbed"] == pytest.approx(norm_perturbed.item(), rel=1e-5)   # the Trainer's
 
 
 def test_short_last_window_of_an_epoch(tmp_path):
@@ -113,7 +116,7 @@ def test_fp16_grad_scaler_step_is_the_fp32_step(tmp_path, max_grad_norm):
     assert max_diff(trainer.model, start) > 1e-3
     assert max_diff(trainer.model, reference.model) < 1e-4        # fp16 autocast rounding only
     for fp16, fp32 in zip(trainer.state.log_history[:2], reference.state.log_history[:2]):
-        for key in ("loss", "loss_perturbed", "sam_grad_norm", "grad_norm"):    # all unscaled
+        for key in ("loss", "loss_perturbed", "grad_norm", "grad_norm_perturbed"):    # all unscaled
             assert fp16[key] == pytest.approx(fp32[key], rel=1e-3)
 
 
@@ -150,7 +153,7 @@ def test_wraps_the_optimizer_training_arguments_select(tmp_path):
     base = trainer.sam.base_optimizer
     assert type(base) is torch.optim.AdamW
     assert sorted(g["weight_decay"] for g in base.param_groups) == [0.0, 0.1]   # the Trainer's groups
-    assert trainer.optimizer.state_dict()["sam"] == {"steps": 1}
+    assert trainer.optimizer.state_dict()["sam"] == {"steps": 1, "variant": "sam"}
 
 
 def test_sft_mixin_trains_the_tiny_model(tmp_path):
@@ -161,7 +164,7 @@ def test_sft_mixin_trains_the_tiny_model(tmp_path):
                           "--grad-accum", "2", "--max-length", "64", "--lr", "3e-3"])
     trainer = sft_sam.main(args)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 2 and all("loss_perturbed" in h and "sam_grad_norm" in h for h in logs)
+    assert len(logs) == 2 and all("loss_perturbed" in h and "grad_norm_perturbed" in h for h in logs)
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05
     assert all(h["loss_perturbed"] > h["loss"] for h in logs)   # w + e is uphill
     # 4 steps of 1 x 2 chats = two epochs of the 4: TRL's token count sees the first pass only
@@ -187,3 +190,36 @@ def test_ddp_two_ranks_equal_sam_by_hand(tmp_path):
     result = json.loads((tmp_path / "ddp.json").read_text())
     assert result["moved"] > 1e-3 and result["max_diff"] < 1e-6
     assert result["logs"][0]["loss_perturbed"] > result["logs"][0]["loss"]
+
+
+@pytest.mark.parametrize("variant", ["asam", "looksam", "msam", "samon"])
+def test_each_variant_is_sams_loop_by_hand(tmp_path, variant):
+    """SAMTrainer with sam_variant=V takes the steps of sam.py's loop run by hand on the same
+    micro-batches (sam.py's variants are checked against their papers in test_sam_variants.py)."""
+    from sam import SAM, normalization_parameters
+    data, model = examples(12), tiny_model()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    kw = dict(rho=0.05, sam_variant=variant, sam_interval=2 if variant == "looksam" else 1)
+    trainer, start = train(tmp_path, data, model=model, max_steps=3, optim="adamw_torch", learning_rate=1e-2, **kw)
+    assert len(forwards) == {"looksam": 4 + 2 + 4, "msam": 2 * 3}.get(variant, 4 * 3)
+    by_hand = copy.deepcopy(start)
+    only = normalization_parameters(by_hand) if variant == "samon" else None
+    opt = SAM(by_hand.parameters(), torch.optim.AdamW, rho=0.05, variant=variant, lr=1e-2, weight_decay=0.0,
+              interval=kw["sam_interval"], perturb_only=only)
+
+    def accumulate(window):
+        for mb in window:
+            ids = torch.stack([e["input_ids"] for e in mb])
+            (by_hand(input_ids=ids, labels=ids).loss / len(window)).backward()
+    for s in range(3):
+        window = [data[4 * s:4 * s + 2], data[4 * s + 2:4 * s + 4]]
+        if opt.perturbs_before_pass:
+            opt.first_step()
+        accumulate(window)
+        if opt.perturbs_this_step:
+            opt.first_step(zero_grad=True)
+            accumulate(window)
+        opt.second_step(zero_grad=True)
+    assert max_diff(trainer.model, start) > 1e-3
+    assert max_diff(trainer.model, by_hand) < 1e-6
