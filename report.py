@@ -242,7 +242,7 @@ def _num(x, fmt="{:+.4f}"):
 
 def table_verdict(V) -> list:
     rows = ["| remedy (vs AdamW's lr frontier) | seeds | gap mean (nats/token) | 95% CI (t) | p sign-flip | "
-            "p Holm | outcome | KL gap (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+            "p Holm (t test) | outcome | KL gap (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for v in V["frontier_verdict"]:
         ci = "n/a" if v["ci95"] is None else f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
         kl = v["kl"]
@@ -331,8 +331,8 @@ def verdict_section(s, V, V32, tasks) -> list:
             "forgets less than AdamW at the same learning); a seed whose held-out loss lies outside its frontier's "
             "range is not comparable. The rule, fixed in verdict.py before the run: mean gap over seeds, 95% CI "
             "from t with n-1 df, exact sign-flip p; beyond / worse than the frontier when the CI excludes 0, else "
-            f"not resolved; fewer than {vd.MIN_SEEDS} seeds: reported; secondary comparisons need a Holm-corrected "
-            f"p < {vd.ALPHA} as well.", ""]
+            f"not resolved; fewer than {vd.MIN_SEEDS} seeds: reported; a secondary comparison also needs its t test's "
+            f"p, Holm-corrected over the secondaries, below {vd.ALPHA}.", ""]
     if prim:
         body += [f"**Primary comparison: {prim['remedy']}: {prim['outcome']}** (gap {_num(prim['mean'])} nats/token, "
                  f"95% CI {'n/a' if prim['ci95'] is None else '[{:+.4f}, {:+.4f}]'.format(*prim['ci95'])}, sign-flip "

@@ -23,8 +23,10 @@ patterns. Outcome: "beyond the frontier" if the CI's upper end < 0, "worse than 
 lower end > 0, else "not resolved", with the smallest gap this design could have resolved (the CI's
 half-width at the observed seed SD). A comparison on fewer than MIN_SEEDS seeds is "reported", never
 resolved. The primary comparison is the study's SAM (the radius chosen in advance, at the main
-learning rate); every other comparison is secondary: its sign-flip p is Holm-corrected over the
-secondaries, and a secondary is resolved only when its CI excludes 0 and its Holm p < ALPHA.
+learning rate); every other comparison is secondary: the p of its t test (the test behind the CI) is
+Holm-corrected over the secondaries, and a secondary is resolved only when its CI excludes 0 and its
+Holm p < ALPHA. (The sign-flip p is reported beside it as the distribution-free check; it cannot go
+below 2 / 2^n, so with 6 seeds and a dozen secondaries no Holm-corrected sign-flip p could reach 0.05.)
 """
 import argparse
 import itertools
@@ -44,16 +46,31 @@ OUTCOMES = ("beyond the frontier", "worse than the frontier", "not resolved", "r
 
 # ----------------------------------------------------------------------------- statistics
 
-def t_quantile(q: float, df: int) -> float:
-    """The q-quantile (q > 0.5) of Student's t with df degrees of freedom: the CDF from Simpson's rule
-    on the density, inverted by bisection (1e-9 accurate; numpy only)."""
+def t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for x >= 0, Student's t with df degrees of freedom: Simpson's rule on the density
+    (1e-9 accurate; numpy only)."""
     logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    grid = np.linspace(0.0, x, 4001)
+    pdf = np.exp(logc - (df + 1) / 2 * np.log1p(grid ** 2 / df))
+    h = x / 4000
+    return float(0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()))
 
-    def cdf(x):
-        grid = np.linspace(0.0, x, 4001)
-        pdf = np.exp(logc - (df + 1) / 2 * np.log1p(grid ** 2 / df))
-        h = x / 4000
-        return 0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+
+def t_p(values) -> float | None:
+    """Two-sided p of the one-sample t test of mean 0 (None with fewer than 2 values)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    if se == 0:
+        return 0.0 if x.mean() != 0 else 1.0
+    t = abs(x.mean()) / se
+    return max(0.0, 2 * (1 - t_cdf(min(t, 1e4), len(x) - 1)))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q > 0.5) of Student's t with df degrees of freedom, by bisection on t_cdf."""
+    cdf = lambda x: t_cdf(x, df)
     lo, hi = 0.0, 1.0
     while cdf(hi) < q:
         hi *= 2
@@ -142,7 +159,7 @@ def compare(frontiers: dict, points: dict) -> dict:
     return {"seeds": seeds, "gaps": [round(g, 6) for g in gaps], "not_comparable": nc,
             "mean": round(float(np.mean(gaps)), 6) if gaps else None,
             "ci95": [round(ci[1], 6), round(ci[2], 6)] if ci else None,
-            "p_signflip": sign_flip_p(gaps), "outcome": outcome(ci, len(gaps)),
+            "p_signflip": sign_flip_p(gaps), "p_t": t_p(gaps), "outcome": outcome(ci, len(gaps)),
             "sd": None if sd is None else round(sd, 6),
             "resolvable_gap": None if sd is None else round(ci[2] - ci[0], 6)}
 
@@ -277,8 +294,7 @@ def decide(root, primary: dict | None = None) -> dict:
         verdicts.append(v)
     verdicts.sort(key=lambda v: (not v["primary"], v["remedy"]))
     secondary = [v for v in verdicts if not v["primary"]]
-    for v, p in zip(secondary, holm([v["p_signflip"] if v["outcome"] != "reported" else None
-                                     for v in secondary])):
+    for v, p in zip(secondary, holm([v["p_t"] if v["outcome"] != "reported" else None for v in secondary])):
         v["p_holm"] = p
         if v["outcome"] in ("beyond the frontier", "worse than the frontier") and (p is None or p >= ALPHA):
             v["outcome"] = "not resolved"

@@ -42,6 +42,12 @@ def test_ci_and_sign_flip_by_hand():
     assert verdict.sign_flip_p([1.0, -1.0, 2.0]) == pytest.approx(6 / 8)
 
 
+def test_t_test_p_by_hand():
+    x = [0.1 + d for d in (-0.1, 0.1, -0.1, 0.1)]            # mean 0.1, sd 0.11547: t = 1.7321 on 3 df
+    assert verdict.t_p(x) == pytest.approx(0.1817, abs=1e-3)  # the t table's two-sided p
+    assert verdict.t_p([1.0]) is None and verdict.t_p([0.0, 0.0]) == 1.0 and verdict.t_p([0.2, 0.2]) == 0.0
+
+
 def test_holm_step_down():
     adj = verdict.holm([0.01, 0.04, None, 0.03])
     assert adj[0] == pytest.approx(0.03) and adj[3] == pytest.approx(0.06) and adj[1] == pytest.approx(0.06)
@@ -106,7 +112,7 @@ def test_decide_builds_the_frontier_from_the_folders_and_judges_sam(tmp_path):
     assert prim["outcome"] == "beyond the frontier" and prim["p_signflip"] == pytest.approx(2 / 64)
     ctrl = next(r for r in v["frontier_verdict"] if "SAM's steps" in r["remedy"])
     assert ctrl["gaps"] == pytest.approx([0.05 - 0.08] * 6)          # F(5.3) = 0.08
-    assert ctrl["p_holm"] == pytest.approx(2 / 64) and ctrl["outcome"] == "beyond the frontier"
+    assert ctrl["p_holm"] == 0.0 and ctrl["outcome"] == "beyond the frontier"   # no spread: t p 0
     ec = v["equal_compute"][0]
     assert ec["heldout_diff"]["mean"] == pytest.approx(0.25) and ec["rise_diff"]["mean"] == pytest.approx(
         sum(sam_rise) / 6 - 0.2)
