@@ -27,6 +27,7 @@ also in each step<k>/), tensorboard/ and wandb/ (with --report-to), loss_curve.p
 the end unless --keep-checkpoint).
 """
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -101,6 +102,7 @@ class Args:
     activation_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     eval_every: int = opt(0, "probe every K steps into trajectory.jsonl (0: off; needs --general-text)")
     general_text: str | None = opt(None, "general_text.jsonl for the probes (python data.py --general-text)")
+    probe_cache: str | None = opt(None, "folder keeping the start model's probe for later runs of a study")
     log_every: int = opt(1, "log line every N steps")
     save_every: int = opt(100, "checkpoint every N steps (0: never)")
     keep_checkpoint: bool = opt(False, "keep OUT/checkpoint after the run")
@@ -473,7 +475,12 @@ class Probes:
         self.pad, self.path = tokenizer.pad_token_id, out / "trajectory.jsonl"
         self.text = probe.GeneralText(data.load_general_text(args.general_text), tokenizer, args.micro_batch_size)
         self.lora = bool(args.lora)     # displacement of the merged weights, from the adapters alone
-        if start == 0 or self.lora:
+        self.cache, self.cached = start_cache(args, held, probe.resolve_precision(args.precision, device)), None
+        if self.cache is not None and self.cache.exists():    # an earlier run measured this start already
+            self.cached = torch.load(self.cache, weights_only=True)
+            self.ref = self.cached["ref"]
+            w0 = None if self.lora else probe.snapshot(model.parameters())
+        elif start == 0 or self.lora:
             with model.disable_adapter() if self.lora else nullcontext():     # the base: the start model
                 self.ref = probe.reference(model, self.text, ctx, device)
             w0 = None if self.lora else probe.snapshot(model.parameters())
@@ -488,9 +495,16 @@ class Probes:
 
     def take(self, step: int, elapsed: float):
         t = time.time()
-        row = {"step": step, "elapsed": elapsed, **probe.point(
-            self.model, text=self.text, ref=self.ref, held=self.held, micro=self.args.micro_batch_size,
-            pad_id=self.pad, ctx=self.ctx, device=self.device, params=self.params, start=self.w0)}
+        if step == 0 and self.cached is not None:    # the start model's point, measured by an earlier run
+            row = {"step": 0, "elapsed": elapsed, **self.cached["point"], "displacement": 0.0}
+        else:
+            row = {"step": step, "elapsed": elapsed, **probe.point(
+                self.model, text=self.text, ref=self.ref, held=self.held, micro=self.args.micro_batch_size,
+                pad_id=self.pad, ctx=self.ctx, device=self.device, params=self.params, start=self.w0)}
+        if step == 0 and self.cache is not None and self.cached is None and common.is_main():
+            point = {k: v for k, v in row.items() if k not in ("step", "elapsed", "displacement")}
+            with common.atomic_path(self.cache) as tmp:
+                torch.save({"ref": self.ref, "point": point}, tmp)
         if self.lora:
             row["displacement"] = probe.lora_displacement(self.model)
         row["probe_s"] = time.time() - t
@@ -501,6 +515,23 @@ class Probes:
                    f"{row['general_nll']:.4f} | KL {row['kl_to_start']:.4f} | moved {row['displacement']:.3g} "
                    f"| {row['probe_s']:.1f}s")
         return row
+
+
+def start_cache(args, held, precision: str) -> Path | None:
+    """--probe-cache DIR: where the start model's probe (its top-k reference and its point) is kept, so
+    the runs of a study that start from one model measure it once. The file name hashes everything the
+    numbers depend on: the model's weights file (path, size, time), the general text, the held-out
+    tokens, the micro-batch, the precision and the torch version. One process only (under torchrun
+    each rank holds its own shard of the work)."""
+    if not args.probe_cache or dist.is_initialized():
+        return None
+    folder = Path(common.resolve_model(args.model))
+    weights = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
+        if folder.is_dir() else [args.model]
+    key = json.dumps([weights, Path(args.general_text).read_text(), [e["input_ids"] for e in held],
+                      [e["labels"] for e in held], args.micro_batch_size, precision,
+                      bool(args.lora), torch.__version__])
+    return Path(args.probe_cache) / f"start-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
 def truncate_log(path: Path, upto: int) -> list:

@@ -113,7 +113,7 @@ TRAIN=(--batch-size "$BATCH" --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --
        --precision "$PRECISION" --warmup-steps "$WARMUP" ${TRAIN_LIMIT:+--limit "$TRAIN_LIMIT"})
 ROOT_ARGS=()                          # extra finetune.py flags of one sub-study (fp32: --precision fp32)
 GENERAL=$OUT/general_text.jsonl       # the old-knowledge text every trajectory point and probe measures
-TRAJ=(--eval-every "$EVAL_EVERY" --general-text "$GENERAL")
+TRAJ=(--eval-every "$EVAL_EVERY" --general-text "$GENERAL" --probe-cache "$OUT/probe_cache")  # the start, once
 read -ra TASK_LIST <<<"$TASKS"
 read -ra LIMITS <<<"$LIMIT"            # "40 arc_easy=150": 40 items per task, 150 of arc_easy
 EVAL=(--tasks "${TASK_LIST[@]}" ${LIMIT:+--limit "${LIMITS[@]}"} --dtype "$DTYPE" --max-len "$MAX_LEN")

@@ -158,3 +158,24 @@ def test_impossible_probe_and_lora_flags_are_refused(tmp_path, tiny_path):
     with pytest.raises(ValueError, match=r"--save-model-at 9: this run has steps 1 to 4; give steps in that"):
         finetune.main(finetune.Args(**SMALL, out=str(tmp_path / "c"), save_model_at=(9,)))
     assert finetune.parse_args(["--save-model-at", "2", "6"]).save_model_at == [2, 6]
+
+
+def test_probe_cache_measures_the_start_once_and_changes_no_number(general_file, tiny_path, tmp_path):
+    """--probe-cache: the first run stores the start model's probe, the next run of the same start reads it;
+    both trajectories (and a run without the cache) are identical, and a different micro-batch is a new key."""
+    cache = tmp_path / "cache"
+    common_args = dict(SMALL, epochs=1, eval_every=2, general_text=str(general_file))
+    trajs = []
+    for name, extra in (("plain", {}), ("first", {"probe_cache": str(cache)}), ("second", {"probe_cache": str(cache)})):
+        finetune.main(finetune.Args(**common_args, **extra, out=str(tmp_path / name)))
+        trajs.append([json.loads(l) for l in (tmp_path / name / "trajectory.jsonl").read_text().splitlines()])
+    assert len(list(cache.glob("start-*.pt"))) == 1
+    for t in trajs[1:]:
+        for a, b in zip(trajs[0], t):
+            for k in ("heldout_loss", "general_nll", "kl_to_start", "displacement", "general_nll_passages"):
+                assert a[k] == b[k], k
+    cached = torch.load(next(cache.glob("start-*.pt")), weights_only=True)
+    assert cached["point"]["general_nll"] == trajs[0][0]["general_nll"]
+    finetune.main(finetune.Args(**{**common_args, "micro_batch_size": 4}, probe_cache=str(cache),
+                                out=str(tmp_path / "other")))
+    assert len(list(cache.glob("start-*.pt"))) == 2

@@ -78,7 +78,7 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     assert plan[0][1] == {"--general-text": [general], "--model": ["tiny"], "--n": ["8"]}
     train = ["--batch-size", "8", "--micro-batch-size", "4", "--max-len", "128", "--heldout", "8", "--precision",
              "fp32", "--warmup-steps", "2", "--limit", "16", "--eval-every", "1", "--general-text", general,
-             "--grad-clip", "0.5"]
+             "--probe-cache", str(out / "probe_cache"), "--grad-clip", "0.5"]
     for sc, f, words in plan:
         if sc == "finetune.py":
             n = Path(f["--out"][0]).name
@@ -184,7 +184,8 @@ def test_smol_full_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     assert lines[1].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[1]
     assert "--tasks paper arc_easy piqa sciq --limit 10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80 " in lines[1]
     assert "--train-limit 32 " in lines[1] and "--batch-size 8 --micro-batch-size 8 " in lines[1]
-    assert lines[1].rstrip().endswith(f"-- --eval-every 2 --general-text {tmp_path / 's/general_text.jsonl'}")
+    assert lines[1].rstrip().endswith(f"-- --eval-every 2 --general-text {tmp_path / 's/general_text.jsonl'} "
+                                      f"--probe-cache {tmp_path / 's/probe_cache'}")
     assert any("--sam --rho 0.02 --epochs 1" in l for l in lines)
     r2 = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "RHOS": "0.02 0.1 2"})
     for rho in ("0.02", "0.1", "2"):
