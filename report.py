@@ -242,11 +242,11 @@ def _num(x, fmt="{:+.4f}"):
 
 def table_verdict(V) -> list:
     rows = ["| remedy (vs AdamW's lr frontier) | seeds | gap mean (nats/token) | 95% CI (t) | p sign-flip | "
-            "p Holm (t test) | outcome | KL gap (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+            "p Holm (t test) | outcome | KL gap (95% CI): outcome |", "|---|---|---|---|---|---|---|---|"]
     for v in V["frontier_verdict"]:
         ci = "n/a" if v["ci95"] is None else f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
         kl = v["kl"]
-        klci = "" if kl["ci95"] is None else f" [{kl['ci95'][0]:+.4f}, {kl['ci95'][1]:+.4f}]"
+        klci = "" if kl["ci95"] is None else f" [{kl['ci95'][0]:+.4f}, {kl['ci95'][1]:+.4f}]: {kl['outcome']}"
         nc = f" ({len(v['not_comparable'])} not comparable)" if v["not_comparable"] else ""
         word = v["outcome"] + (f"; resolvable gap ±{v['resolvable_gap']:.4f}"
                                if v["outcome"] == "not resolved" and v.get("resolvable_gap") else "")

@@ -221,7 +221,10 @@ def read_runs(root: Path) -> dict:
                          "final": final})
         w, pt = _json(d / "wiseft.json"), _json(d / "point.json")
         if w and pt:
-            parent = _json(Path(w["finetuned"]) / "args.json") or {}
+            here = root / "runs" / Path(w["finetuned"]).name       # the parent run in this study folder
+            parent = _json((here if here.is_dir() else Path(w["finetuned"])) / "args.json") or {}
+            if "lr" not in parent:
+                continue                    # a Wise-FT of a model this study did not train
             runs.append({"name": d.name, "args": parent, "seed": str(parent.get("seed", "?")), "end": pt,
                          "kind": "wiseft", "alpha": w["alpha"]})
         elif pt and not w and (d.name == "stage1_probe"):
