@@ -654,7 +654,8 @@ def decide(root: Path, s):
     if not (root / "runs").is_dir():
         return None
     try:
-        return vd.decide(root, {"rho": s.best_rho, "lr": s.lr})
+        data = s.data if root.name != f"task-{dtag(s.data)}" and not root.name.startswith("task-") else None
+        return vd.decide(root, {"rho": s.best_rho, "lr": s.lr, "data": data})
     except FileNotFoundError:
         return None
 

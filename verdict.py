@@ -245,6 +245,11 @@ def decide(root, primary: dict | None = None) -> dict:
     if start is None:
         raise FileNotFoundError(f"{root}/runs holds no finished run with a trajectory.jsonl; run the study "
                                 f"(run_all.sh) with --eval-every, or check the folder.")
+    # one task: the primary's data set, else the one most runs trained on (a study folder also holds runs
+    # on other data sets: Table 2(a), Table 1's distances)
+    datas = [r["args"].get("data") for r in runs if r["kind"] != "stage1"]
+    data = (primary or {}).get("data") or max(set(datas), key=datas.count, default=None)
+    runs = [r for r in runs if r["kind"] == "stage1" or r["args"].get("data") == data]
     x0 = float(start["heldout_loss"])
     plain = [r for r in runs if r["kind"] == "run" and not r["args"].get("sam") and not r["args"].get("lora")
              and not r["args"].get("rehearsal")]
@@ -301,7 +306,7 @@ def decide(root, primary: dict | None = None) -> dict:
         v["p_holm"] = p
         if v["outcome"] in ("beyond the frontier", "worse than the frontier") and (p is None or p >= ALPHA):
             v["outcome"] = "not resolved"
-    return {"adamw_frontier": fr, "frontier_verdict": verdicts,
+    return {"data": data, "adamw_frontier": fr, "frontier_verdict": verdicts,
             "equal_compute": equal_compute(adamw, groups, epochs), "regime": regime(fr)}
 
 

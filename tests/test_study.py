@@ -283,8 +283,11 @@ def test_claims_follow_the_comparison_at_matched_learning(tmp_path, less, outcom
     wise = rows["Wise-FT alpha 0.5 vs AdamW"]["nll"]
     assert wise["mean"] == pytest.approx(-0.7 * 0.15)          # 0.7 C vs 1.4 C at loss 1.6
     text, res = study.claims(s, F, M, study.flatness(s, M))
-    assert res["sam"] == outcome and res["forgets"] == "held"
-    assert f"3. *SAM keeps general ability at equal training cost*: **{outcome}**" in text
+    # two seeds: the rule (verdict.MIN_SEEDS) reports the claims, whatever side the numbers fall on
+    assert res["sam"] == "reported (2 seed(s))" and res["forgets"] == "reported (2 seed(s))"
+    side = {"held": "forgot less than", "did not hold": "forgot more than" if less else "forgot as much as"}[outcome]
+    assert f"(the verdict against AdamW's learning-rate frontier is above): **reported (2 seed(s))**: at the " \
+           f"same in-domain loss SAM {side} AdamW" in text
     assert f"matched held-out loss {sam['mean']:+.3f} ± {SE_E / math.sqrt(2):.3f} nats/token over 2 seed(s)" in text
     assert res["wiseft"] is None and "4. *SAM is complementary to Wise-FT*: **not resolved**" in text
 
