@@ -325,6 +325,7 @@ def test_tiny_writes_the_frontier_verdict_from_the_run_folders(tiny):
     for seed, pts in fr["seeds"].items():
         for p in pts:
             runs = [d for d in (out / "runs").iterdir() if (d / "final.json").is_file() and _args(d)["lr"] == p["lr"]
+                    and _args(d)["data"] == rep["data"]
                     and str(_args(d)["seed"]) == seed and not _args(d)["sam"] and _args(d)["epochs"] == 2
                     and not _args(d)["lora"] and not _args(d)["rehearsal"]]
             assert len(runs) == 1
