@@ -38,25 +38,29 @@ case $PROFILE in
     if [[ $PROFILE != smol-full ]]; then   # smol, and variants: smol plus the SAM variants, in the same OUT
       # The verdict against AdamW's learning-rate frontier (verdict.py), sized for <= 45 minutes on a 2-core
       # CPU (BENCHMARKS.md has the measured time): rot13 (chosen by measurement: docs/findings.md, 2026-12-04),
-      # 16 items in steps of 4 (AdamW 8 steps, SAM 4), AdamW at 3 learning rates over 10x, SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
+      # 16 items in steps of 4 (AdamW 8 steps, SAM 4), AdamW at 3 learning rates over 10x (3e-5 1e-4 3e-4: lr
+      # 1e-3 is dominated on every seed, and 3e-5 carries the frontier down to the remedies that learn little;
+      # smol-full runs all four), SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
       # at lr 3e-4 and 1e-3, the schedule control, 6 seeds; every run warms up 2 steps and anneals (cosine)
       # to 0; fp32 compute on 2 seeds; multiple choice for the first seed's key models only (a small panel of
       # the tasks SmolLM2-135M is above chance on); no landscapes, distance data or Δp rerun (smol-full).
       : "${TASKS:=hellaswag arc_easy sciq}" "${LIMIT:=40}" "${TRAIN_LIMIT:=16}" "${BATCH:=4}" "${MICRO:=4}"
       : "${HELDOUT:=32}" "${CALIBRATE:=0}" "${STAGE2_DATA:=rot13}" "${STAGE2_LR:=3e-4}"
-      : "${LRS:=1e-4 1e-3}" "${SAM_LR2:=1e-3}" "${RHOS:=0.02}" "${SEEDS:=6}"
+      : "${LRS:=3e-5 1e-4}" "${SAM_LR2:=1e-3}" "${RHOS:=0.02}" "${SEEDS:=6}"
       : "${FEW_SEEDS:=0}" "${FP32_N:=2}" "${OTHER_DATA:=}" "${DISTANCE_NEAR:=}" "${LANDSCAPES:=0}"
       : "${MATCHED_DP:=0}" "${SAM2_N:=3}" "${SEED_EVALS:=0}" "${LS_STEPS:=5}" "${LS_BATCHES:=1}" "${EVAL_EVERY:=8}" "${GENERAL_N:=32}"
       : "${LORA:=8}" "${LORA_LR:=1e-3}" "${DP_EVAL:=key}" "${WISEFT_ALPHAS:=0.25 0.5 0.75}"
       : "${COSTS:=60 70 15 60 15 20}"
-      [[ $PROFILE != variants ]] || : "${VARIANTS:=asam looksam-k5 msam samon sam-k5}"
+      # variants: the frontier (AdamW at every lr, SAM, the schedule control; 6 seeds) and the variants on
+      # it; nothing else (REMEDIES=0). After `bash run_all.sh` into the same OUT it adds only the variants.
+      [[ $PROFILE != variants ]] || : "${VARIANTS:=asam looksam-k5 msam samon sam-k5}" "${REMEDIES:=0}"
     else
       : "${TASKS:=paper arc_easy piqa sciq}" "${LIMIT:=100 arc_easy=300 piqa=300 copa=0 sciq=300}"
       : "${MICRO:=8}" "${TRAIN_LIMIT:=128}" "${BATCH:=16}" "${HELDOUT:=64}" "${EVAL_EVERY:=4}" "${GENERAL_N:=128}" "${LORA:=8}"
       : "${CANDIDATES:=mt-mbpp-haskell:1e-4:2 mt-mbpp-haskell:1e-3:2 jeopardy:1e-3:2 rot13:1e-3:2}"
       : "${RHOS:=0.01 0.02 0.05 0.1 0.2 2}" "${OTHER_DATA:=jeopardy gsm8k}"
       : "${DISTANCE_NEAR:=naturalqs gsm8k mt-mbpp-haskell}" "${LS_STEPS:=9}" "${LS_BATCHES:=8}"
-      : "${LRS:=1e-4 5e-4 1e-3}" "${SAM_LR2:=1e-3}" "${FEW_SEEDS:=0 1 2 3 4 5}" "${FP32_N:=2}"
+      : "${LRS:=3e-5 1e-4 5e-4 1e-3}" "${SAM_LR2:=1e-3}" "${FEW_SEEDS:=0 1 2 3 4 5}" "${FP32_N:=2}"
       : "${CALIBRATE:=0}" "${STAGE2_DATA:=rot13}" "${STAGE2_LR:=3e-4}" "${LORA_LR:=1e-3}" "${SEEDS:=6}"
       : "${SAM2_N:=6}" "${VERDICT_DATA2:=gsm8k}" "${COSTS:=600 300 30 300 15 40}"
     fi ;;
@@ -84,6 +88,10 @@ esac
 # 3 of SEEDS: reported, not judged, below 3), the seeds replicated in fp32 compute, and each run's warmup
 : "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_N:=0}" "${WARMUP:=2}" "${LORA_LR:=}"
 : "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}" "${VERDICT_DATA2:=}" "${VARIANTS:=}"
+# REMEDIES=0: the frontier study alone, without SAM at SAM_LR2, the fp32 replication, the second task, Wise-FT,
+# rehearsal, LoRA and the remedies' extra seeds (PROFILE=variants)
+: "${REMEDIES:=1}"
+[[ $REMEDIES == 1 ]] || SAM_LR2='' FP32_N=0 VERDICT_DATA2='' FEW_SEEDS='' LANDSCAPES=0
 FRONTIER_ONLY=0                       # 1 while stage2 runs fine-tunes that need no evaluation of their own
 [[ $DP_EVAL == all || $DP_EVAL == key ]] || { echo "run_all.sh: error: DP_EVAL=$DP_EVAL; use all (every \
 model gets the multiple-choice evaluation) or key (the first seed's models of the tables)." >&2; exit 2; }
@@ -355,11 +363,13 @@ study() {
     frontier "$OUT/task-$(dtag "$d")" "$(run_name "$d" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")"
     STAGE2_DATA=$main FRONTIER_ONLY=0
   done
-  for a in $WISEFT_ALPHAS; do wiseft "$OUT" "$STAGE2_DATA" adamw "$a" $([[ $a == "$WISEFT_ALPHA" ]] && echo eval); done
-  wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$WISEFT_ALPHA" eval
-  stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh key
-  stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh key
-  if [[ -n $LORA ]]; then
+  if [[ $REMEDIES == 1 ]]; then
+    for a in $WISEFT_ALPHAS; do wiseft "$OUT" "$STAGE2_DATA" adamw "$a" $([[ $a == "$WISEFT_ALPHA" ]] && echo eval); done
+    wiseft "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$WISEFT_ALPHA" eval
+    stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" rh key
+    stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" rh key
+  fi
+  if [[ -n $LORA && $REMEDIES == 1 ]]; then
     stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
     stage2 "$OUT" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "lora$LORA" "" "${LORA_LR:-$STAGE2_LR}"
   fi

@@ -115,7 +115,7 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
 
 
 def test_smol_dry_run_is_the_frontier_study(tmp_path):
-    """The default profile: rot13 without calibration; AdamW at 3 learning rates over 10x, SAM (rho 0.02) at lr
+    """The default profile: rot13 without calibration; AdamW at 3 learning rates over 10x (3e-5 to 3e-4), SAM (rho 0.02) at lr
     3e-4 and the schedule control on 6 seeds, SAM at lr 1e-3 on 3, the fp32 replication on 2 seeds; every
     fine-tune warms up 2 steps; multiple choice for the first seed's key models only."""
     out = tmp_path / "s"
@@ -127,14 +127,14 @@ def test_smol_dry_run_is_the_frontier_study(tmp_path):
     main = {p.name for p, f in ft if p.parent == out / "runs"}
     n = lambda lr, e, m, sd, tag="": study.run_name("rot13", lr, e, m, sd) if not tag else \
         study.run_name("rot13", lr, e, m, sd, lora=8 if tag == "lora" else None, rehearsal=tag == "rh")
-    want = {n(lr, 2, "adamw", sd) for lr in ("1e-4", "3e-4", "1e-3") for sd in range(6)}
+    want = {n(lr, 2, "adamw", sd) for lr in ("3e-5", "1e-4", "3e-4") for sd in range(6)}
     want |= {n("3e-4", 1, "sam0.02", sd) for sd in range(6)} | {n("3e-4", 1, "adamw", sd) for sd in range(6)}
     want |= {n("1e-3", 1, "sam0.02", sd) for sd in range(3)}
     want |= {n("3e-4", 2, "adamw", 0, "rh"), n("3e-4", 1, "sam0.02", 0, "rh"), n("1e-3", 2, "adamw", 0, "lora"),
              n("1e-3", 1, "sam0.02", 0, "lora")}
     assert main == want
     fp32 = {p.name: f for p, f in ft if p.parent == out / "fp32/runs"}
-    assert set(fp32) == {n(lr, 2, "adamw", sd) for lr in ("1e-4", "3e-4", "1e-3") for sd in (0, 1)} | \
+    assert set(fp32) == {n(lr, 2, "adamw", sd) for lr in ("3e-5", "1e-4", "3e-4") for sd in (0, 1)} | \
         {n("3e-4", 1, "sam0.02", sd) for sd in (0, 1)}
     assert all(f["--precision"][-1] == "fp32" for f in fp32.values())
     full = {Path(f["--out"][0]).name for sc, f, _ in plan if sc == "evaluate.py" and "--baseline" in f}
