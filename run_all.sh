@@ -87,6 +87,7 @@ esac
 # that are not the verdict's (rehearsal, LoRA, Wise-FT's alpha curve, SAM at SAM_LR2 get FEW_SEEDS, at most
 # 3 of SEEDS: reported, not judged, below 3), the seeds replicated in fp32 compute, and each run's warmup
 : "${LRS:=}" "${SAM_LR2:=}" "${FEW_SEEDS:=}" "${FP32_N:=0}" "${WARMUP:=2}" "${LORA_LR:=}"
+: "${CAL_ALL:=0}" "${CAL_METRIC:=p}"
 : "${LANDSCAPES:=1}" "${MATCHED_DP:=1}" "${SEED_EVALS:=1}" "${VERDICT_DATA2:=}" "${VARIANTS:=}"
 # REMEDIES=0: the frontier study alone, without SAM at SAM_LR2, the fp32 replication, the second task, Wise-FT,
 # rehearsal, LoRA and the remedies' extra seeds (PROFILE=variants)
@@ -223,12 +224,11 @@ stage2() {
 matched_adamw() {
   local adamw k name run pick
   adamw=$(run_name "$STAGE2_DATA" "$STAGE2_LR" "$STAGE2_EPOCHS" adamw "$SEED0")
-  if [[ -f $OUT/runs/$adamw/final.json && -f $OUT/runs/$1/final.json ]]; then
-    pick=$("$PYTHON" study.py matched-step "${REPORT[@]}")
-    read -r k name <<<"$pick"
-  else
-    k=K name=${adamw}_stepK      # plan pass: the runs it depends on have not run yet
-  fi
+  [[ -f $OUT/runs/$adamw/final.json && -f $OUT/runs/$1/final.json ]] || {
+    unknown "the AdamW step at SAM's held-out loss"; return 0; }
+  known "the AdamW step at SAM's held-out loss"
+  pick=$("$PYTHON" study.py matched-step "${REPORT[@]}")
+  read -r k name <<<"$pick"
   [[ $name == "${adamw}_step$k" ]] || return 0
   run=$OUT/runs/$name
   step $((C_FT / 2)) "$run/step$k/config.json" "finetune $name (AdamW rerun to the step of SAM's held-out loss)" \
@@ -288,28 +288,42 @@ landscape() {  # landscape ROOT NAME MODEL: loss surface on the old-data stand-i
     --directions "$1/landscape/directions.pt"
 }
 
-calibration() {  # sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS from calibrate.py's choice
+# unknown WHAT / known WHAT: the steps after this point depend on a result WHAT (the calibrated stage 2, the
+# best radius, the matched step). While it is not measured the plan pass stops there (`unknown`; a dry run
+# says so); once the run pass has measured it (`known`), the rest is planned again from the files, so the
+# plan never holds a guessed name.
+unknown() {
+  [[ $MODE == plan ]] || die "$1 is not measured though its steps ran; see $OUT/logs/."
+  OPEN=$1
+}
+known() {
+  [[ $MODE == run && $OPEN == "$1" ]] || return 0
+  say "measured $1: planning the rest"; export OUT; exec bash "$PWD/run_all.sh" "${EXTRA[@]}"
+}
+
+# calibration: sets STAGE2_DATA, STAGE2_LR, STAGE2_EPOCHS. With CALIBRATE=1 each candidate DATA:LR:EPOCHS is
+# one AdamW fine-tune of the study (seed SEED0), evaluated like its models, mildest first; calibrate.py judges
+# them (it runs nothing) and the run pass stops at the first that passes (CAL_ALL=1: runs them all).
+calibration() {
   if [[ $CALIBRATE != 1 ]]; then
     [[ -n $STAGE2_DATA && -n $STAGE2_LR ]] || die "CALIBRATE=0 needs STAGE2_DATA and STAGE2_LR \
 (for example STAGE2_DATA=mt-mbpp-haskell STAGE2_LR=3e-4)."
     return 0
   fi
-  local n; n=$(wc -w <<<"$CANDIDATES")
-  # shellcheck disable=SC2086  # CANDIDATES is a list
-  step $((n * (C_FT + C_EVAL + C_HELD) + C_EVAL)) "$OUT/calibration.json" "calibrate $n candidates" \
-    "$PYTHON" calibrate.py --model "$STAGE1" --out "$OUT" --candidates $CANDIDATES --tasks "${TASK_LIST[@]}" \
-    --limit "${LIMITS[@]:-0}" --dtype "$DTYPE" --max-len "$MAX_LEN" --train-limit "${TRAIN_LIMIT:-0}" \
-    --heldout "$HELDOUT" --batch-size "$BATCH" --micro-batch-size "$MICRO" --precision "$PRECISION" \
-    --seed "$SEED0" --launch "${LAUNCH[*]}" -- "${TRAJ[@]}" "${EXTRA[@]}"
-  if [[ -f $OUT/calibration.json ]]; then
-    read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" study.py calibration "$OUT/calibration.json")"
-  else  # plan pass before calibration has run: names hold placeholders
-    STAGE2_DATA=CALIBRATED STAGE2_LR=LR
-    local cal; cal=$(run_name CALIBRATED LR "$STAGE2_EPOCHS" adamw "$SEED0")
-    # calibrate.py writes these four (its chosen run is the study's first AdamW run): not counted twice
-    SEEN[$OUT/evals/stage1/results.json]=1 SEEN[$OUT/runs/$cal/final.json]=1
-    SEEN[$OUT/evals/$cal/results.json]=1 SEEN[$OUT/evals/stage1_heldout_CALIBRATED/results.json]=1
-  fi
+  local c d lr e tried=() judge
+  for c in $CANDIDATES; do
+    IFS=: read -r d lr e <<<"$c"
+    [[ -n $d && -n $lr && -n $e ]] || die "CANDIDATES holds '$c'; give DATA:LR:EPOCHS (for example rot13:1e-3:2)."
+    tried+=("$c")
+    judge=(calibrate.py --out "$OUT" --seed "$SEED0" --metric "$CAL_METRIC" --candidates "${tried[@]}")
+    stage2 "$OUT" "$d" adamw "$SEED0" "" key "$lr" "$e"
+    [[ $MODE == run && $CAL_ALL != 1 ]] || continue
+    "$PYTHON" "${judge[@]}" --check && break
+  done
+  step "$C_HELD" "$OUT/calibration.json" "choose among the candidates" "$PYTHON" "${judge[@]}"
+  [[ -f $OUT/calibration.json ]] || { unknown "calibrate.py's choice of the stage-2 setting"; return 1; }
+  known "calibrate.py's choice of the stage-2 setting"
+  read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" calibrate.py --show "$OUT/calibration.json")"
 }
 
 best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly learn (study.py best-rho)
@@ -318,8 +332,9 @@ best_rho() {  # sets BEST_RHO: least forgetting among the radii that clearly lea
   local rho e=$((STAGE2_EPOCHS / 2))
   for rho in $RHOS; do
     [[ -f $OUT/evals/$(run_name "$STAGE2_DATA" "$STAGE2_LR" "$e" "sam$rho" "$SEED0")/results.json ]] || {
-      BEST_RHO=BEST; return 0; }   # plan pass: the sweep has not run yet
+      unknown "the best radius of the rho sweep"; return 1; }
   done
+  known "the best radius of the rho sweep"
   BEST_RHO=$("$PYTHON" study.py best-rho "${REPORT[@]}")
 }
 
@@ -329,23 +344,22 @@ study() {
   MAIN_STAGE1=$STAGE1
   step "$C_HELD" "$GENERAL" "general text" "$PYTHON" data.py --general-text "$GENERAL" --model "$STAGE1" \
     --n "$GENERAL_N"
-  calibration
+  step "$C_EVAL" "$OUT/evals/stage1/results.json" "evaluate stage1" "${LAUNCH[@]}" evaluate.py \
+    --model "$STAGE1" "${EVAL[@]}" --out "$OUT/evals/stage1"
+  calibration || return 0
   DIST=${DISTANCE_DATA:-$DISTANCE_NEAR $STAGE2_DATA}
   REPORT=(--out "$OUT" --profile "$PROFILE" --model "$MODEL" --stage1 "$MAIN_STAGE1" --data "$STAGE2_DATA"
           --lr "$STAGE2_LR" --epochs "$STAGE2_EPOCHS" --other-data $OTHER_DATA --distance-data $DIST
           --rhos $RHOS --seeds $SEEDS --wiseft-alpha "$WISEFT_ALPHA" --rehearsal-data "$REHEARSAL_DATA"
           --rehearsal-ratio "$REHEARSAL_RATIO" --landscape-data "$LANDSCAPE_DATA" --size-models $SIZE_MODELS
           --wiseft-alphas $WISEFT_ALPHAS ${LORA:+--lora "$LORA"})
-  step "$C_EVAL" "$OUT/evals/stage1/results.json" "evaluate stage1" "${LAUNCH[@]}" evaluate.py \
-    --model "$STAGE1" "${EVAL[@]}" --out "$OUT/evals/stage1"
   stage2 "$OUT" "$STAGE2_DATA" adamw "$SEED0" "" key
   for rho in $RHOS; do  # one radius: it is the study's, and a table needs its multiple-choice numbers
     stage2 "$OUT" "$STAGE2_DATA" "sam$rho" "$SEED0" "" $([[ $RHOS == *" "* ]] || echo key)
   done
-  best_rho
+  best_rho || return 0
   local sam0; sam0=$(run_name "$STAGE2_DATA" "$STAGE2_LR" $((STAGE2_EPOCHS / 2)) "sam$BEST_RHO" "$SEED0")
   [[ $DP_EVAL == all ]] || evaluate "$OUT" "$sam0" "$OUT/runs/$sam0" "$OUT/runs/$sam0/heldout.jsonl"
-  [[ $MATCHED_DP != 1 ]] || matched_adamw "$sam0"
   frontier "$OUT" "$sam0"
   for v in $VARIANTS; do     # the SAM variants (sam.py) at SAM's lr and epochs on every seed: PROFILE=variants
     FRONTIER_ONLY=1
@@ -405,6 +419,7 @@ study() {
     stage2 "$root" "$STAGE2_DATA" adamw "$SEED0" "" key
     stage2 "$root" "$STAGE2_DATA" "sam$BEST_RHO" "$SEED0" "" key
   done
+  [[ $MATCHED_DP != 1 ]] || matched_adamw "$sam0"   # last: its step is known once SAM's run is measured
 }
 
 settings() {  # what the files in $OUT depend on; a resumed study must match it
@@ -418,11 +433,12 @@ settings() {  # what the files in $OUT depend on; a resumed study must match it
 
 START=$SECONDS
 declare -A SEEN=()
-MODE=plan TODO=0 TODO_COST=0
+MODE=plan TODO=0 TODO_COST=0 OPEN= REPORT=()
 study
 if [[ $DRY_RUN == 1 ]]; then
-  printf '%q ' "$PYTHON" report.py "${REPORT[@]}"; echo
-  echo "# PROFILE=$PROFILE: $TODO steps, roughly $(fmt "$TODO_COST") on the machine the costs assume (COSTS)"
+  [[ -z $OPEN ]] || echo "# then the steps that depend on $OPEN: a run plans them once it is measured"
+  [[ -z ${REPORT[*]:-} ]] || { printf '%q ' "$PYTHON" report.py "${REPORT[@]}"; echo; }
+  echo "# PROFILE=$PROFILE: $TODO steps${OPEN:+ so far}, roughly $(fmt "$TODO_COST") on the machine the costs assume (COSTS)"
   exit 0
 fi
 mkdir -p "$OUT"
@@ -431,7 +447,7 @@ if [[ -f $OUT/study.txt ]] && ! diff -q <(settings) "$OUT/study.txt" >/dev/null;
   die "$OUT/ holds a study run with other settings (< now, > there); use OUT=another_folder or remove $OUT/."
 fi
 settings >"$OUT/study.txt"
-say "PROFILE=$PROFILE into $OUT/: $TODO steps to run, roughly $(fmt "$TODO_COST") estimated"
+say "PROFILE=$PROFILE into $OUT/: $TODO steps to run${OPEN:+ before $OPEN is measured}, roughly $(fmt "$TODO_COST") estimated"
 SEEN=() MODE=run N=0 RAN_S=0 DONE_COST=0
 study
 say "report: $PYTHON report.py ${REPORT[*]}"

@@ -1,8 +1,8 @@
 """calibrate.py: the choice rule on constructed candidates, and main() over constructed result files.
 
-The real training/evaluation path runs in tests/test_run_all.py (PROFILE=tiny calibrates first). Here the
-candidates' result files are written by the test with known numbers, and the launcher is `false`, so any
-step main() tried to run instead of reading its existing output would fail the test.
+The real training/evaluation path runs in tests/test_run_all.py (PROFILE=tiny calibrates first: run_all.sh
+runs the candidates, calibrate.py only judges). Here the candidates' result files are written by the test
+with known numbers.
 """
 import json
 import subprocess
@@ -45,7 +45,7 @@ def test_main_chooses_the_first_candidate_that_forgets_and_learns_and_stops_ther
     _candidate(tmp_path, "jeopardy:1e-3:2", lp_drop=0.0, gain=1.0)      # learns, forgets nothing
     _candidate(tmp_path, "squad:1e-3:2", lp_drop=0.3, gain=0.05)        # forgets, learns < 5% of 2.0
     _candidate(tmp_path, "gsm8k:3e-4:2", lp_drop=0.3, gain=0.5)         # forgets and learns: the choice
-    res = calibrate.main(model="tiny", out=str(tmp_path), launch="false", metric="lp", limit=4, candidates=[
+    res = calibrate.main(out=str(tmp_path), metric="lp", candidates=[
         "jeopardy:1e-3:2", "squad:1e-3:2", "gsm8k:3e-4:2", "math:1e-3:4"])  # math has no files: never reached
     assert res["choice"]["spec"] == "gsm8k:3e-4:2" and res["calibrated"]
     assert [c["passed"] for c in res["candidates"]] == [False, False, True]
@@ -61,9 +61,19 @@ def test_main_chooses_the_first_candidate_that_forgets_and_learns_and_stops_ther
     assert out.split() == ["gsm8k", "3e-4", "2"]
 
 
-def test_main_runs_a_missing_step_with_the_launcher(tmp_path):
+def test_a_candidate_that_has_not_run_is_named_and_check_judges_the_last_one(tmp_path):
+    """calibrate.py runs nothing: a candidate without its files is an error naming it and the command that
+    runs it; --check says whether the newest candidate passes (run_all.sh stops there), writing nothing."""
     _eval(tmp_path / "evals" / "stage1", 0.0, [])
-    with pytest.raises(RuntimeError, match="finetune .* failed"):     # `false` stands in for python
-        calibrate.main(model="tiny", out=str(tmp_path), launch="false", metric="lp", candidates=["gsm8k:1e-3:2"])
-    assert (tmp_path / "logs" / "calibrate_finetune_gsm8k_lr1e-3_e2_adamw_s0.log").is_file()
+    _candidate(tmp_path, "jeopardy:1e-3:2", lp_drop=0.0, gain=1.0)      # learns, forgets nothing: fails
+    with pytest.raises(FileNotFoundError, match=r"candidate gsm8k:1e-3:2 has not run .*CALIBRATE=1"):
+        calibrate.main(out=str(tmp_path), metric="lp", candidates=["jeopardy:1e-3:2", "gsm8k:1e-3:2"])
+    assert not (tmp_path / "calibration.json").exists()
+    assert calibrate.main(out=str(tmp_path), metric="lp", candidates=["jeopardy:1e-3:2"], check=True) is False
+    _candidate(tmp_path, "gsm8k:3e-4:2", lp_drop=0.3, gain=0.5)
+    cmd = [sys.executable, "calibrate.py", "--out", str(tmp_path), "--metric", "lp", "--check", "--candidates"]
+    assert subprocess.run(cmd + ["jeopardy:1e-3:2", "gsm8k:3e-4:2"], cwd=ROOT).returncode == 0
+    assert subprocess.run(cmd + ["jeopardy:1e-3:2"], cwd=ROOT).returncode == 1
+    r = subprocess.run(cmd + ["math:1e-3:4"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "candidate math:1e-3:4 has not run" in r.stderr
     assert not (tmp_path / "calibration.json").exists()

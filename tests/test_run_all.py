@@ -26,6 +26,9 @@ def _plan(env, *args):
     assert lines[-1].startswith(f"# PROFILE={env.get('PROFILE', 'smol')}: ")
     plan = []
     for line in lines[:-1]:
+        if line.startswith("# then the steps that depend on "):   # a decision the plan cannot make yet
+            plan.append(("later", {}, line))
+            continue
         words = shlex.split(line)
         script = next(w for w in words if w.endswith(".py"))
         flags, key = {}, None
@@ -40,40 +43,42 @@ def _plan(env, *args):
 
 
 def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
-    """PROFILE=tiny with a given stage-2 setting: every command, in order, with the flags that make it the
-    study's step; folder names as study.run_name builds them; extra arguments go to every fine-tune."""
+    """PROFILE=tiny with a given stage-2 setting and radius: every command, in order, with the flags that make
+    it the study's step; folder names as study.run_name builds them; extra arguments go to every fine-tune.
+    The AdamW rerun to SAM's matched step depends on the runs' results: the plan ends with it as a later step
+    (a run plans it once SAM's run is measured), never a guessed name."""
     out = tmp_path / "t"
-    plan = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3"}, "--grad-clip", "0.5")
+    plan = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3", "RHOS": "2"},
+                 "--grad-clip", "0.5")
     name = lambda method, seed="0", rh=False, lora=None: study.run_name(
         "gsm8k", "1e-3", 1 if "sam" in method else 2, method, seed, rh, lora)
-    runs = [name("adamw"), name("sam0.05"), name("sam2"), name("adamw", "1"), name("samBEST", "1")]
+    runs = [name("adamw"), name("sam2")]
     expected = [("data.py", out / "general_text.jsonl"), ("evaluate.py", out / "evals/stage1"),
                 ("finetune.py", out / "runs" / runs[0]), ("evaluate.py", out / "evals/stage1_heldout_gsm8k"),
-                ("evaluate.py", out / "evals" / runs[0])]
-    for n in runs[1:3]:
-        expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
-    matched = runs[0] + "_stepK"     # AdamW rerun to the step nearest SAM's held-out loss (known after the runs)
-    expected += [("finetune.py", out / "runs" / matched), ("evaluate.py", out / "evals" / matched)]
-    # the frontier, per seed: the tables' AdamW (seed 0's ran above) and SAM runs with their evaluations, then
+                ("evaluate.py", out / "evals" / runs[0]),
+                ("finetune.py", out / "runs" / runs[1]), ("evaluate.py", out / "evals" / runs[1])]
+    # the frontier, per seed: the tables' AdamW and SAM runs with their evaluations (seed 0's ran above), then
     # AdamW at the sweep's other learning rates and the schedule control (AdamW, SAM's epochs), unevaluated
     lr_run = lambda lr, seed, epochs=2, method="adamw": study.run_name("gsm8k", lr, epochs, method, seed)
     for seed in ("0", "1"):
-        for n in ([] if seed == "0" else [name("adamw", seed)]) + [name("samBEST", seed)]:
+        for n in ([] if seed == "0" else [name("adamw", seed), name("sam2", seed)]):
             expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
         expected += [("finetune.py", out / "runs" / lr_run(lr, seed)) for lr in ("3e-4", "3e-3")]
         expected += [("finetune.py", out / "runs" / lr_run("1e-3", seed, 1))]
-    expected += [("finetune.py", out / "runs" / lr_run("3e-3", "0", 1, "samBEST")),   # SAM at its second lr
+    expected += [("finetune.py", out / "runs" / lr_run("3e-3", "0", 1, "sam2")),   # SAM at its second lr
                  ("probe.py", out / "runs/stage1_probe/point.json")]
-    for base, alphas in ((name("adamw"), ("0", "0.5", "1")), (name("samBEST"), ("0.5",))):
+    for base, alphas in ((name("adamw"), ("0", "0.5", "1")), (name("sam2"), ("0.5",))):
         for a in alphas:
             w = f"{base}_wiseft{a}"
             expected += [("wiseft.py", out / "runs" / w), ("probe.py", out / "runs" / w / "point.json")]
             expected += [("evaluate.py", out / "evals" / w)] if a == "0.5" else []
-    for n in (name("adamw", rh=True), name("samBEST", rh=True), name("adamw", lora=4), name("samBEST", lora=4)):
+    for n in (name("adamw", rh=True), name("sam2", rh=True), name("adamw", lora=4), name("sam2", lora=4)):
         expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
     expected += [("landscape.py", out / "landscape/stage1"), ("landscape.py", out / "landscape" / runs[0]),
-                 ("report.py", out)]
-    assert [(sc, Path((f.get("--out") or f["--general-text"])[0])) for sc, f, _ in plan] == expected
+                 ("later", None), ("report.py", out)]
+    assert [(sc, Path((f.get("--out") or f["--general-text"])[0]) if sc != "later" else None)
+            for sc, f, _ in plan] == expected
+    assert "AdamW step at SAM's held-out loss" in plan[-2][2]
     general = str(out / "general_text.jsonl")
     assert plan[0][1] == {"--general-text": [general], "--model": ["tiny"], "--n": ["8"]}
     train = ["--batch-size", "8", "--micro-batch-size", "4", "--max-len", "128", "--heldout", "8", "--precision",
@@ -86,18 +91,17 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
             assert words[-len(train):] == train and f["--model"] == ["tiny"] and f["--data"] == ["gsm8k"]
             assert f["--epochs"] == [n.split("_e")[1][0]] and f["--lr"] == [n.split("_lr")[1].split("_")[0]]
             assert f["--epochs"] == ["1"] if sam else True
-            assert f["--seed"] == [n.removesuffix("_stepK")[-1]]
-            assert (f.get("--stop-after"), f.get("--save-model-at")) == ((["K"], ["K"]) if n == matched else (None, None))
+            assert f["--seed"] == [n[-1]] and "--stop-after" not in f and "--save-model-at" not in f
             assert ("--sam" in f) == sam and f.get("--rho") == ([n.split("_sam")[1].split("_")[0]] if sam else None)
             assert (f.get("--rehearsal"), f.get("--rehearsal-ratio")) == ((["naturalqs"], ["0.25"]) if "_rh_" in n
                                                                           else (None, None))
             assert f.get("--lora") == (["4"] if "_lora4_" in n else None)
         if sc == "evaluate.py" and "--baseline" in f:          # a stage-2 model: its own held-out items
             n = Path(f["--out"][0]).name
-            run = n.split("_wiseft")[0].removesuffix("_stepK")
+            run = n.split("_wiseft")[0]
             assert f["--baseline"] == [str(out / "evals/stage1")] and f["--limit"] == ["4"]
             assert f["--heldout"] == [str(out / "runs" / run / "heldout.jsonl")]
-            assert f["--model"] == [str(out / "runs" / n / ("stepK" if n == matched else ""))]
+            assert f["--model"] == [str(out / "runs" / n / "")]
         if sc == "wiseft.py":
             assert f["--base"] == ["tiny"] and f["--out"][0].endswith("_wiseft" + f["--alpha"][0])
             assert f["--finetuned"] == [str(out / "runs" / Path(f["--out"][0]).name.split("_wiseft")[0])]
@@ -109,7 +113,13 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
             assert f["--general-text"] == [general] and f["--max-len"] == ["128"]
             assert f["--heldout"] == [str(out / "runs" / folder.name.split("_wiseft")[0] / "heldout.jsonl")]
     rep = plan[-1][1]
-    assert rep["--data"] == ["gsm8k"] and rep["--rhos"] == ["0.05", "2"] and rep["--seeds"] == ["0", "1"]
+    assert rep["--data"] == ["gsm8k"] and rep["--rhos"] == ["2"] and rep["--seeds"] == ["0", "1"]
+    # a rho sweep: the study's radius is the sweep's result, so the plan stops after the sweep
+    sweep = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3"})
+    assert [(sc, Path(f["--out"][0]).name) for sc, f, _ in sweep if sc == "finetune.py"] == \
+        [("finetune.py", n) for n in (name("adamw"), name("sam0.05"), name("sam2"))]
+    assert sweep[-2][0] == "later" and "the best radius of the rho sweep" in sweep[-2][2]
+    assert "samBEST" not in str(sweep) and sweep[-1][0] == "report.py"
     assert rep["--distance-data"] == ["gsm8k", "gsm8k"] and rep["--epochs"] == ["2"]
     assert rep["--wiseft-alphas"] == ["0", "0.5", "1"] and rep["--lora"] == ["4"]
 
@@ -157,8 +167,9 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
              and "--stop-after" not in l and "--epochs 2 " in l]   # (--epochs 1: the schedule control)
     sam = [l for l in ft if "--data open-platypus" in l and "--sam --rho 2 " in l and "--rehearsal" not in l]
     assert len(adamw) == 3 and len(sam) == 3                   # 7B, TinyLlama, 13B
-    rerun = [l for l in ft if "--stop-after K --save-model-at K " in l]         # the 7B AdamW at matched loss
-    assert len(rerun) == 1 and "--data open-platypus --out " in rerun[0] and "_adamw_s0_stepK " in rerun[0]
+    assert not any("--stop-after" in l for l in ft)   # the 7B AdamW rerun to SAM's matched step: planned later
+    assert lines[-3] == "# then the steps that depend on the AdamW step at SAM's held-out loss: a run plans them " \
+                        "once it is measured"
     assert all("--epochs 2 --lr 5e-6" in l for l in adamw) and all("--epochs 1 --lr 5e-6" in l for l in sam)
     for data in ("sharegpt", "metamath", "auto-wiki"):
         assert any(f"--data {data} " in l for l in ft)
@@ -176,17 +187,29 @@ def test_paper_dry_run_prints_the_papers_commands_and_runs_nothing(tmp_path):
 
 
 def test_smol_full_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
-    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "PROFILE": "smol-full", "CANDIDATES": "rot13:1e-3:2",
-              "TASKS": "paper arc_easy piqa sciq", "LIMIT": "10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80",
-              "TRAIN_LIMIT": "32", "BATCH": "8", "EVAL_EVERY": "2", "RHOS": "0.02", "CALIBRATE": "1"})
+    """CALIBRATE=1: each candidate is one of the study's AdamW runs (run_all.sh's own steps, evaluated like the
+    study's models), then calibrate.py judges them; the rest of the plan waits for its choice."""
+    r = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "PROFILE": "smol-full",
+              "CANDIDATES": "jeopardy:1e-3:2 rot13:3e-4:4", "TASKS": "paper arc_easy piqa sciq",
+              "LIMIT": "10 hellaswag=40", "TRAIN_LIMIT": "32", "BATCH": "8", "EVAL_EVERY": "2", "RHOS": "0.02",
+              "CALIBRATE": "1"})
+    assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    s = tmp_path / "s"
     assert lines[0].startswith("python data.py --general-text ")           # the general text set, once
-    assert lines[1].startswith("python calibrate.py --model smollm2-135m") and "rot13:1e-3:2" in lines[1]
-    assert "--tasks paper arc_easy piqa sciq --limit 10 hellaswag=40 arc_easy=80 piqa=80 copa=60 sciq=80 " in lines[1]
-    assert "--train-limit 32 " in lines[1] and "--batch-size 8 --micro-batch-size 8 " in lines[1]
-    assert lines[1].rstrip().endswith(f"-- --eval-every 2 --general-text {tmp_path / 's/general_text.jsonl'} "
-                                      f"--probe-cache {tmp_path / 's/probe_cache'}")
-    assert any("--sam --rho 0.02 --epochs 1" in l for l in lines)
+    assert lines[1].startswith(f"python evaluate.py --model smollm2-135m --tasks paper arc_easy piqa sciq "
+                               f"--limit 10 hellaswag=40 ")
+    for i, (data, lr, e) in ((2, ("jeopardy", "1e-3", "2")), (5, ("rot13", "3e-4", "4"))):
+        name = study.run_name(data, lr, e, "adamw", 0)
+        assert lines[i].startswith(f"python finetune.py --model smollm2-135m --data {data} --out {s}/runs/{name} "
+                                   f"--epochs {e} --lr {lr} --seed 0 --batch-size 8 ")
+        assert "--limit 32 --eval-every 2 " in lines[i] and f"--probe-cache {s}/probe_cache" in lines[i]
+        assert f"--out {s}/evals/stage1_heldout_{data}" in lines[i + 1]
+        assert f"--model {s}/runs/{name} " in lines[i + 2] and f"--baseline {s}/evals/stage1 " in lines[i + 2]
+    assert lines[8].split() == ["python", "calibrate.py", "--out", str(s), "--seed", "0", "--metric", "p",
+                                "--candidates", "jeopardy:1e-3:2", "rot13:3e-4:4"]
+    assert "calibrate.py's choice of the stage-2 setting" in lines[9] and len(lines) == 11
+    assert not any("--sam" in l for l in lines)
     r2 = _run({"DRY_RUN": "1", "OUT": str(tmp_path / "s"), "RHOS": "0.02 0.1 2"})
     for rho in ("0.02", "0.1", "2"):
         assert any(f"--sam --rho {rho} --epochs 1" in l for l in r2.stdout.splitlines())
