@@ -280,19 +280,30 @@ def displacement_sentence(F) -> str:
                    + f"{moved}.")
 
 
+OUTCOME = {"less": "held", "more": "did not hold", "same": "did not hold"}   # _side of a remedy -> its claim
+
+
+def outcome(word: str | None, k: int) -> str | None:
+    """A claim's outcome under verdict.py's rule: "held" or "did not hold" on fewer than MIN_SEEDS seeds
+    is "reported (k seed(s))" instead; None (not resolved here) stays None."""
+    return f"reported ({k} seed(s))" if word in ("held", "did not hold") and k < MIN_SEEDS else word
+
+
 def claims(plan: Plan, F, M, flat) -> tuple[str, dict]:
-    """The verdict paragraph: the paper's claims one by one, each held / did not hold / not resolved here,
-    with the numbers (forgetting = rise of the general-text NLL, paired per passage; at matched learning =
-    against AdamW's trajectory interpolated at the same held-out loss). Returns (markdown, outcomes)."""
+    """The verdict paragraph: the paper's claims one by one, each held / did not hold / reported (fewer than
+    MIN_SEEDS seeds) / not resolved here, with the numbers (forgetting = rise of the general-text NLL, paired
+    per passage; at matched learning = against AdamW's trajectory interpolated at the same held-out loss).
+    Returns (markdown, outcomes)."""
     out, res = [], {}
     k = len(plan.seeds)
     adam = combine([r["forget"] for n, r in F["runs"].items() if n in plan.names["adamw"].values()])
     dp = combine([M[n].get("general") for n in plan.names["adamw"].values() if M.get(n, {}).get("present")])
-    res["forgets"] = "held" if _side({**adam, "mean": -adam["mean"]} if adam["mean"] is not None else None) == "less" \
-        else None if adam["mean"] is None else "did not hold"
+    forgets = None if adam["mean"] is None else "held" if _side({**adam, "mean": -adam["mean"]}) == "less" \
+        else "did not hold"
+    res["forgets"] = outcome(forgets, adam["k"])
     out.append(f"1. *Fine-tuning on new data forgets general ability*: **{res['forgets'] or 'not measured'}**. AdamW's "
-               f"general NLL rose by {_pm(adam)} nats/token ({adam['k']} of {k} seed(s)); multiple-choice Δ{plan.metric} "
-               f"{_pm(dp)}.")
+               f"general NLL rose by {_pm(adam)} nats/token ({adam['k']} of {k} seed(s)); multiple-choice "
+               f"Δ{plan.metric} {_pm(dp)}.")
     r_sc = flat.get("SC")
     signs = {flat[k] > 0 for k in ("SC", "AG", "MAG") if flat.get(k) is not None}
     res["flatness"] = None if not signs else "mixed" if len(signs) > 1 else "held" if signs == {True} else \
@@ -304,54 +315,34 @@ def claims(plan: Plan, F, M, flat) -> tuple[str, dict]:
                f"a rank correlation over so few models is no test).")
     rows = {r["claim"]: r for r in F["rows"]}
     sam = rows.get("sam", {}).get("nll")
-    side = _side(sam)
-    # a remedy can only be judged where AdamW forgets: otherwise there is nothing to reduce
-    moot = "" if res["forgets"] == "held" else " AdamW did not forget measurably here, so there was nothing to reduce"
-    if moot:
-        side = None
+    # a remedy can only be judged where AdamW forgets (whatever its seed count): otherwise there is nothing to reduce
+    moot = "" if forgets == "held" else " AdamW did not forget measurably here, so there was nothing to reduce"
+    side = None if moot else _side(sam)
     e = F["endpoint"]
-    res["sam"] = {"less": "held", "more": "did not hold", "same": "did not hold"}.get(side)
+    res["sam"] = outcome(OUTCOME.get(side), (sam or {}).get("k", 0))
     detail = {None: moot.strip() or f"SAM could not be placed on AdamW's trajectory "
                                      f"({(sam or {}).get('why') or 'runs missing'})",
               "less": "at the same in-domain loss SAM forgot less than AdamW",
               "same": "at the same in-domain loss SAM forgot as much as AdamW (within "
                       f"{Z:g} SE): what it forgets less at equal compute it pays for in learning",
               "more": "at the same in-domain loss SAM forgot more than AdamW"}[side]
-    out.append(f"3. *SAM keeps general ability at equal training cost*, against the AdamW run at lr {plan.lr} only (the "
-               f"verdict against AdamW's learning-rate frontier is above): **{res['sam'] or 'not resolved'}**: {detail} "
-               f"(SAM rho {plan.best_rho} minus AdamW at matched held-out loss {_pm(sam)} nats/token over "
+    out.append(f"3. *SAM keeps general ability at equal training cost*, against the AdamW run at lr {plan.lr} only "
+               f"(the verdict against AdamW's learning-rate frontier is above): **{res['sam'] or 'not resolved'}**: "
+               f"{detail} (SAM rho {plan.best_rho} minus AdamW at matched held-out loss {_pm(sam)} nats/token over "
                f"{(sam or {}).get('k', 0)} seed(s); at equal compute the end points differ by {_pm(e['nll'])} in "
                f"forgetting and {_pm({'mean': e['heldout_loss']['mean']})} in held-out loss).")
     for key, claim, what in (("wiseft", "wiseft_sam", "Wise-FT"), ("rehearsal", "rehearsal_sam", "rehearsal")):
         base = rows.get("wiseft") if key == "wiseft" else rows.get("rehearsal")
         if key == "wiseft":
             base = next((r for r in F["rows"] if r["claim"] == "wiseft" and "0.5" in r["label"]), base)
-        comb = rows.get(claim)
-        b, c = (base or {}).get("nll"), (comb or {}).get("nll")
-        res[key] = None if moot else {"less": "held", "more": "did not hold", "same": "did not hold"}.get(_side(c))
+        b, c = (base or {}).get("nll"), (rows.get(claim) or {}).get("nll")
+        res[key] = None if moot else outcome(OUTCOME.get(_side(c)), (c or {}).get("k", 0))
         out.append(f"{4 if key == 'wiseft' else 5}. *SAM is complementary to {what}*: **{res[key] or 'not resolved'}**:"
                    f"{moot + ';' if moot else ''} "
                    f"{what} with SAM minus {what} without, at matched held-out loss, {_pm(c)} nats/token"
                    + (f" ({c['why']})" if c and c.get("why") else "")
                    + f"; {what} alone against AdamW at matched loss {_pm(b)}.")
-    ks = {"forgets": adam["k"], "sam": (sam or {}).get("k", 0),
-          "wiseft": ((rows.get("wiseft_sam") or {}).get("nll") or {}).get("k", 0),
-          "rehearsal": ((rows.get("rehearsal_sam") or {}).get("nll") or {}).get("k", 0)}
-    for key, k_ in ks.items():      # verdict.py's rule: fewer than MIN_SEEDS seeds are reported, never held
-        if res.get(key) in ("held", "did not hold") and k_ < MIN_SEEDS:
-            res[key] = f"reported ({k_} seed(s))"
-    return _reword("\n".join(out), res), res
-
-
-def _reword(text: str, res: dict) -> str:
-    """The claims paragraph with each claim's bold word replaced by the outcome after the seed rule."""
-    lines = text.split("\n")
-    order = {0: "forgets", 2: "sam", 3: "wiseft", 4: "rehearsal"}
-    for i, key in order.items():
-        if i < len(lines) and str(res.get(key, "")).startswith("reported"):
-            head, _, rest = lines[i].partition("**")
-            lines[i] = head + "**" + res[key] + "**" + rest.partition("**")[2]
-    return "\n".join(lines)
+    return "\n".join(out), res
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import measure
 import plan
 import stats
 import study
+from verdict import MIN_SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("mmlu_stem", "boolq")
@@ -194,6 +195,13 @@ def test_the_plan_layers_saved_and_given_settings_and_stays_frozen(tmp_path):
     assert chosen.names["sweep"] == {"0.05": "gsm8k_lr3e-4_e1_sam0.05_s0", "2": "gsm8k_lr3e-4_e1_sam2_s0"}
     with pytest.raises(ValueError, match="--data and --lr are needed"):
         plan.settings(tmp_path / "elsewhere")
+
+
+def test_a_claim_on_fewer_than_min_seeds_is_reported_whichever_side_it_falls():
+    assert study.outcome("held", MIN_SEEDS - 1) == f"reported ({MIN_SEEDS - 1} seed(s))"
+    assert study.outcome("did not hold", 1) == "reported (1 seed(s))"
+    assert study.outcome("held", MIN_SEEDS) == "held" and study.outcome("did not hold", 6) == "did not hold"
+    assert study.outcome(None, 1) is None                    # not resolved stays not resolved
 
 
 def test_best_rho_reads_the_radius_from_args_json_not_the_folder_name(tmp_path):
