@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 
 import common
+import measure
+import plan
 import study
 
 
@@ -37,14 +39,14 @@ def judged(outp: Path, specs: list, seed: int, metric: str) -> list:
     """The candidates in order, each measured and judged, up to the first that passes."""
     measured = []
     for c in specs:
-        name = study.run_name(c["data"], c["lr"], c["epochs"], "adamw", seed)
+        name = plan.run_name(c["data"], c["lr"], c["epochs"], "adamw", seed)
         need = [outp / "runs" / name / "final.json", outp / "evals" / name / "results.json",
-                outp / "evals" / f"stage1_heldout_{study.dtag(c['data'])}" / "results.json",
+                outp / "evals" / f"stage1_heldout_{plan.dtag(c['data'])}" / "results.json",
                 outp / "evals" / "stage1" / "results.json"]
         if missing := [str(p) for p in need if not p.exists()]:
             raise FileNotFoundError(f"candidate {c['spec']} has not run ({missing[0]} is missing); run the "
                                     f"candidates with CALIBRATE=1 CANDIDATES=\"...\" OUT={outp} bash run_all.sh.")
-        m = study.measure(outp, name, metric)
+        m = measure.measure(outp, name, metric)
         c = study.judge({**c, "name": name, **{k: m.get(k) for k in ("general", "gain", "heldout_loss_stage1",
                                                                       "heldout_loss", "avg_delta", "avg")}})
         measured.append(c)
@@ -70,7 +72,7 @@ def main(out: str = "results", candidates: list = (), seed: int = 0, metric: str
               "calibrated": ok, "reason": reason, "metric": metric,
               "rule": {"forget_z": study.CAL_FORGET_Z, "learn_z": study.CAL_LEARN_Z, "learn_frac": study.CAL_LEARN_FRAC},
               "candidates": measured, "not_run": [c["spec"] for c in specs[len(measured):]],
-              "general_tasks": study.ability_text((study.load_eval(outp / "evals/stage1") or {}).get("items", [])),
+              "general_tasks": measure.ability_text((measure.load_eval(outp / "evals/stage1") or {}).get("items", [])),
               "settings": {"seed": seed, "metric": metric}}
     common.write_text(outp / "calibration.md", markdown(result))
     common.write_json(outp / "calibration.json", result)
@@ -83,7 +85,7 @@ def markdown(result: dict) -> str:
         f"{s * d['mean']:+.4f} ± {(d.get('se') or 0) * abs(s):.4f}"
     lines = [f"Candidates, in the order tried (AdamW, seed {result['settings']['seed']}; general = paired change "
              f"of {result['metric']} vs the stage-1 model, mean over tasks ± SE, "
-             f"{study.METRIC_TEXT[result['metric']][1]}; in-domain = fall of the held-out loss, nats/token):", "",
+             f"{plan.METRIC_TEXT[result['metric']][1]}; in-domain = fall of the held-out loss, nats/token):", "",
              "| candidate | general change ± SE | change / SE | stage-1 held-out loss | in-domain gain ± SE | "
              "Δ AVG (%) | forgets | learns | chosen |", "|---" * 9 + "|"]
     lines[0:0] = [result["general_tasks"], ""] if result.get("general_tasks") else []
@@ -112,7 +114,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="results", help="the study folder the candidates ran in (run_all.sh's OUT)")
     p.add_argument("--candidates", nargs="+", default=[], help="DATA:LR:EPOCHS, mildest first")
     p.add_argument("--seed", type=int, default=0, help="the candidates' seed (run_all.sh: the first seed)")
-    p.add_argument("--metric", default="p", choices=list(study.METRIC_TEXT), help="per-item general metric")
+    p.add_argument("--metric", default="p", choices=list(plan.METRIC_TEXT), help="per-item general metric")
     p.add_argument("--check", action="store_true",
                    help="exit 0 if the last candidate passes, 1 if not; writes nothing")
     a = vars(p.parse_args())

@@ -65,7 +65,7 @@ max_len, model_name) -> results (+ "items"); score_items(model, tokenizer, items
 -> per-item results; encode_rows / pack_rows (the rows and packed tensors score_items feeds the model);
 heldout_loss(model, tokenizer, records, max_len, batch_size); summarize / compare / markdown / plot build
 the outputs above. Tasks and their loaders are tasks.py's; the paired statistics (stats, paired_diff)
-study.py's.
+stats.py's.
 """
 import argparse
 import json
@@ -78,7 +78,7 @@ import torch
 import torch.distributed as dist
 
 import common
-from study import combine_independent, paired_diff, stats
+from stats import combine_independent, paired_diff, stats
 from tasks import CATEGORIES, PAPER_CATEGORIES, TASKS, TaskUnavailable, item_key, load_task, resolve_tasks
 
 METRICS = ("acc", "acc_norm", "lp", "p", "margin")

@@ -1,22 +1,28 @@
-"""The study's report: the paper's tables and figures, rendered from what study.py measures.
+"""The study's report: the paper's tables and figures, rendered from what measure.py measures and study.py
+decides.
 
     python report.py --out results                   # re-render with the settings of the last report
     python report.py --out results --data mt-mbpp-haskell --lr 3e-4 --rhos 0.01 0.05 0.2 2 --seeds 0 1
 
 run_all.sh calls it with every setting. Every number comes from the files the steps wrote under --out
-(study.py's docstring lists them); a missing file gives the cell "missing". It writes REPORT.md,
+(measure.py's docstring lists them); a missing file gives the cell "missing". It writes REPORT.md,
 report.json (the numbers of every table), figures/*.png and report_args.json (the settings, so a later
 `python report.py --out results` re-renders the same study). The statistics and choices (which tasks
-count for forgetting, the paired SE, the SAM radius, the verdict) are study.py's; this file only lays
-them out.
+count for forgetting, the paired SE, the SAM radius, the verdict) are measure.py's, stats.py's and
+study.py's; this file only lays them out.
 """
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import common
+import measure
+import stats
 import study
 import verdict as vd
-from study import CATS, METRIC_TEXT, combine, dtag
+from measure import CATS
+from plan import METRIC_TEXT, add_settings_args, dtag, settings
+from stats import combine
 
 # ----------------------------------------------------------------------------- tables
 
@@ -82,7 +88,7 @@ def table_1(s, M, flat):
     return out
 
 
-def table_2(s, M):
+def table_2(s, M, sizes):
     """2(a) per data set, 2(b) per model size, 2(c) Wise-FT and rehearsal: categories, AVG, Δ vs stage 1."""
     st, N = M["stage1"], s.names
     extra = (lambda m: pm(m.get("general")), lambda m: pm(m.get("gain")))
@@ -93,9 +99,9 @@ def table_2(s, M):
         out += [row.replace("| ", f"| {dtag(d)} | ", 1) for row in score_rows(
             [("stage 1", st), (f"w/o SAM ({a})", M[a]), (f"w/ SAM ({b})", M[b])], st, extra)]
     out += ["", "## Table 2(b): model sizes", "", f"| model | {cols}", "|---" * 6 + "|"]
-    for mm, (st_m, a, b) in s.sizes.items():
+    for mm, (st_m, a, b) in sizes.items():
         out += score_rows([(f"{mm} stage 1", st_m), (f"{mm} w/o SAM", a), (f"{mm} w/ SAM", b)], st_m)
-    if len(s.sizes) == 1:
+    if len(sizes) == 1:
         out += ["", f"This profile runs one model size ({s.model}); the paper's TinyLlama-1.1B / Llama-2-7B / "
                 "Llama-2-13B rows need PROFILE=paper (hub models and GPUs). No other rows are shown."]
     s0 = s.seeds[0]
@@ -404,10 +410,11 @@ def fig_adamw_frontier(s, V, path):
     common.save_png(fig, path)
 
 
-def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None, tasks=None):
+def render(s, M, sizes, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None, tasks=None):
     frontier, outcomes = frontier_section(s, F, flat, M)
     head = [f"# flattune study report (PROFILE={s.profile})", "",
-            f"Stage-1 model: {s.model}" + (f" (stage 1 trained: {s.stage1})" if s.stage1 != s.model else "")
+            f"Stage-1 model: {s.model}" + (f" (stage 1 trained: {s.stage1})" if s.stage1 not in (None, "", s.model)
+                                           else "")
             + f". Stage 2: {s.data} at lr {s.lr}, AdamW {s.epochs} epochs vs SAM {int(s.epochs) // 2} epoch(s), "
             f"equal gradient computations; SAM radius {s.best_rho} ({why_rho}). Seeds: {' '.join(s.seeds)}.", ""]
     tables = ["## The paper's tables", "",
@@ -421,8 +428,9 @@ def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None, tasks
               "nats/token. "
               "'missing' = a result file is absent; 'held-out only' = the run got no multiple-choice evaluation "
               "(DP_EVAL=key); 'unavailable' = the tasks have no offline copy.", "",
-              study.ability_text(M["stage1"].get("items") or []), ""]
-    body = (["## Table 1: flatness of the landscape vs forgetting", ""] + table_1(s, M, flat) + [""] + table_2(s, M)
+              measure.ability_text(M["stage1"].get("items") or []), ""]
+    body = (["## Table 1: flatness of the landscape vs forgetting", ""] + table_1(s, M, flat) + [""]
+            + table_2(s, M, sizes)
             + ["", "## Table 4: in-domain benchmarks", ""] + table_4(s, M)
             + ["", "## Learning vs forgetting", ""] + table_learning(s, M) + ["", "![trade-off](figures/tradeoff.png)"]
             + ["", f"## Seeds: AdamW vs SAM (rho {s.best_rho})", ""] + table_seeds(s, M)
@@ -436,7 +444,7 @@ def render(s, M, F, flat, verdict_text, why_rho, cal_md, V=None, V32=None, tasks
 def spread(vs, fmt="{:+.3f}"):
     if not vs:
         return "missing"
-    mean, std = study.spread(vs)
+    mean, std = stats.spread(vs)
     return fmt.format(mean) + (f" ± {fmt.format(std).lstrip('+')}" if std is not None else " (one seed)")
 
 
@@ -599,17 +607,15 @@ def fig_landscape(s, path):
 
 # ----------------------------------------------------------------------------- main
 
-
-# ----------------------------------------------------------------------------- main
-
 def main(out: str = "results", **given) -> str:
     """Write OUT/REPORT.md, report.json, figures/ and report_args.json; returns the verdict sentence."""
     outp = Path(out)
-    s = study.settings(outp, **given)
-    s.best_rho, why = study.best_rho(s)
-    M = study.measure_study(s)
+    s = settings(outp, **given)
+    rho, why = study.best_rho(s)
+    s = replace(s, best_rho=rho)
+    M, sizes = measure.measure_study(s)
     text, info = study.verdict(s, M)
-    F, flat = study.frontier(s), study.flatness(s, M)
+    F, flat = measure.frontier(s), study.flatness(s, M)
     F["matched_dp"] = study.matched_dp(s, M)
     for n, r in F["every"].items():           # the trajectory's end beside the multiple-choice numbers
         if n in M:
@@ -620,7 +626,7 @@ def main(out: str = "results", **given) -> str:
     cal = outp / "calibration.md"
     V, V32 = decide(outp, s), decide(outp / "fp32", s)
     tasks = {p.name.removeprefix("task-"): decide(p, s) for p in sorted(outp.glob("task-*"))}
-    md, outcomes = render(s, M, F, flat, text, why, cal.read_text() if cal.is_file() else None, V, V32, tasks)
+    md, outcomes = render(s, M, sizes, F, flat, text, why, cal.read_text() if cal.is_file() else None, V, V32, tasks)
     if V:
         fig_adamw_frontier(s, V, outp / "figures" / "adamw_frontier.png")
         if not fig_cost(V, outp / "figures" / "cost.png"):
@@ -643,7 +649,7 @@ def main(out: str = "results", **given) -> str:
                                                           "displacement": F["displacement"], "runs": runs,
                                                           "wiseft": F["wiseft"]},
                                              "models": {n: strip(m) for n, m in M.items()},
-                                             "sizes": {k: [strip(m) for m in v] for k, v in s.sizes.items()}})
+                                             "sizes": {k: [strip(m) for m in v] for k, v in sizes.items()}})
     common.write_json(outp / "report_args.json", s.conf)
     print(f"wrote {outp}/REPORT.md, report.json, figures/ | {text}")
     return text
@@ -663,7 +669,7 @@ def decide(root: Path, s):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    study.add_settings_args(p)
+    add_settings_args(p)
     try:
         main(**vars(p.parse_args()))
     except (ValueError, FileNotFoundError) as e:

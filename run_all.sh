@@ -2,7 +2,8 @@
 # The whole study in one command: stage-1 model -> general text set -> stage-2 fine-tunes that log their
 # learning-forgetting trajectory (AdamW vs SAM at equal compute, a rho sweep, seeds, rehearsal, LoRA, data
 # sets of increasing distance) -> the Wise-FT curve (probe.py) -> evaluations -> loss landscapes ->
-# $OUT/REPORT.md, every number read from the files the steps wrote (study.py measures, report.py renders).
+# $OUT/REPORT.md, every number read from the files the steps wrote (measure.py measures, study.py and
+# verdict.py decide, report.py renders).
 #
 #   bash run_all.sh                           # PROFILE=smol: SmolLM2-135M-Instruct, offline, 2-core CPU -> results/
 #   PROFILE=tiny bash run_all.sh              # the same steps and report on the 2-layer `tiny` model -> results-tiny/

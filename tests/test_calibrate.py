@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import calibrate
+import plan
 import study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def _eval(folder, lp_drop, losses):
 
 def _candidate(out, spec, lp_drop, gain, held=(2.0, 2.4, 1.6, 2.2, 1.8)):
     c = study.parse_candidate(spec)
-    name = study.run_name(c["data"], c["lr"], c["epochs"], "adamw", 0)
+    name = plan.run_name(c["data"], c["lr"], c["epochs"], "adamw", 0)
     (out / "runs" / name).mkdir(parents=True)
     (out / "runs" / name / "final.json").write_text("{}")
     (out / "runs" / name / "args.json").write_text(json.dumps({"data": c["data"], "lr": float(c["lr"])}))

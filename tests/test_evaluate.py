@@ -14,7 +14,7 @@ import torch
 
 import common
 import evaluate as E
-import study
+import stats
 import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,17 +269,17 @@ def test_long_items_are_cut_per_choice_as_lm_eval_does(tiny, tmp_path):
 def test_paired_diff_against_a_hand_computation():
     a = [_res("t", i, v) for i, v in enumerate([1, 1, 0, 1, 0])]
     b = [_res("t", i, v) for i, v in enumerate([0, 1, 0, 0, 1])] + [_res("t", 9, 1)]  # 9 is unpaired
-    d = study.paired_diff(a, b, "acc")
+    d = stats.paired_diff(a, b, "acc")
     # differences 1, 0, 0, 1, -1: mean 0.2, sample variance ((.8)^2*2 + (.2)^2*2 + 1.2^2) / 4 = 0.7
     assert d["n"] == 5 and d["mean"] == pytest.approx(0.2) and d["se"] == pytest.approx(math.sqrt(0.7 / 5))
     # stratified (MMLU-style): subject means of the differences, SE from each subject's variance
     a = [_res("m", i, v, s) for i, (v, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
     b = [_res("m", i, 0.0, s) for i, (_, s) in enumerate([(1, "x"), (1, "x"), (0, "y"), (1, "y")])]
-    d = study.paired_diff(a, b, "acc")
+    d = stats.paired_diff(a, b, "acc")
     assert d["mean"] == pytest.approx((1.0 + 0.5) / 2) and d["se"] == pytest.approx(math.sqrt(0 / 2 + 0.5 / 2) / 2)
     b[0]["key"] = "other"
     with pytest.raises(ValueError, match="different prompt"):
-        study.paired_diff(a, b, "acc")
+        stats.paired_diff(a, b, "acc")
 
 
 def test_heldout_loss_equals_a_direct_computation(tiny):

@@ -4,15 +4,15 @@ import json
 
 from test_study import S, make_study
 
+import plan
 import report
-import study
 
 
 def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_path):
     text = report.main(out=str(make_study(tmp_path)), metric="lp", **S)
     md = (tmp_path / "REPORT.md").read_text()
     assert text.startswith("Held") and f"**Verdict at equal compute, multiple choice.** {text}" in md
-    adamw = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
+    adamw = plan.run_name("gsm8k", "1e-4", 2, "adamw", 0)
     row = next(l for l in md.splitlines() if l.startswith(f"| gsm8k | w/o SAM ({adamw})"))
     assert "| 40.00 (-10.00 ± 2.00, n 8) |" in row and "unavailable" in row and "-0.500 ± " in row \
         and "+1.000 ± " in row
@@ -23,7 +23,7 @@ def test_report_reads_every_number_from_the_files_and_marks_missing_ones(tmp_pat
     assert wise.count("missing") == 7
     assert "| stage 1 | missing | missing | missing |" in md
     assert "| - | stage 1 | not run | unavailable offline |" in md
-    sam2 = study.run_name("gsm8k", "1e-4", 1, "sam2", 0)
+    sam2 = plan.run_name("gsm8k", "1e-4", 1, "sam2", 0)
     assert f"| {sam2} | 2 | missing |" in md                 # rho from its args.json; no metrics.jsonl
     # the frontier: trajectories and Wise-FT points read from the files, SAM placed on AdamW's trajectory
     assert md.index("## The learning-forgetting frontier") < md.index("## Table 1")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import study
+import measure
+from plan import dtag, run_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +45,13 @@ def _plan(env, *args):
 
 def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
     """PROFILE=tiny with a given stage-2 setting and radius: every command, in order, with the flags that make
-    it the study's step; folder names as study.run_name builds them; extra arguments go to every fine-tune.
+    it the study's step; folder names as plan.run_name builds them; extra arguments go to every fine-tune.
     The AdamW rerun to SAM's matched step depends on the runs' results: the plan ends with it as a later step
     (a run plans it once SAM's run is measured), never a guessed name."""
     out = tmp_path / "t"
     plan = _plan({"PROFILE": "tiny", "OUT": str(out), "STAGE2_DATA": "gsm8k", "STAGE2_LR": "1e-3", "RHOS": "2"},
                  "--grad-clip", "0.5")
-    name = lambda method, seed="0", rh=False, lora=None: study.run_name(
+    name = lambda method, seed="0", rh=False, lora=None: run_name(
         "gsm8k", "1e-3", 1 if "sam" in method else 2, method, seed, rh, lora)
     runs = [name("adamw"), name("sam2")]
     expected = [("data.py", out / "general_text.jsonl"), ("evaluate.py", out / "evals/stage1"),
@@ -59,7 +60,7 @@ def test_tiny_dry_run_plans_each_step_in_order_with_its_flags(tmp_path):
                 ("finetune.py", out / "runs" / runs[1]), ("evaluate.py", out / "evals" / runs[1])]
     # the frontier, per seed: the tables' AdamW and SAM runs with their evaluations (seed 0's ran above), then
     # AdamW at the sweep's other learning rates and the schedule control (AdamW, SAM's epochs), unevaluated
-    lr_run = lambda lr, seed, epochs=2, method="adamw": study.run_name("gsm8k", lr, epochs, method, seed)
+    lr_run = lambda lr, seed, epochs=2, method="adamw": run_name("gsm8k", lr, epochs, method, seed)
     for seed in ("0", "1"):
         for n in ([] if seed == "0" else [name("adamw", seed), name("sam2", seed)]):
             expected += [("finetune.py", out / "runs" / n), ("evaluate.py", out / "evals" / n)]
@@ -135,8 +136,8 @@ def test_smol_dry_run_is_the_frontier_study(tmp_path):
     assert all(f["--warmup-steps"] == ["2"] and f["--batch-size"] == ["4"] and f["--limit"] == ["16"]
                and f["--eval-every"] == ["8"] for _, f in ft)
     main = {p.name for p, f in ft if p.parent == out / "runs"}
-    n = lambda lr, e, m, sd, tag="": study.run_name("rot13", lr, e, m, sd) if not tag else \
-        study.run_name("rot13", lr, e, m, sd, lora=8 if tag == "lora" else None, rehearsal=tag == "rh")
+    n = lambda lr, e, m, sd, tag="": run_name("rot13", lr, e, m, sd) if not tag else \
+        run_name("rot13", lr, e, m, sd, lora=8 if tag == "lora" else None, rehearsal=tag == "rh")
     want = {n(lr, 2, "adamw", sd) for lr in ("3e-5", "1e-4", "3e-4") for sd in range(6)}
     want |= {n("3e-4", 1, "sam0.02", sd) for sd in range(6)} | {n("3e-4", 1, "adamw", sd) for sd in range(6)}
     want |= {n("1e-3", 1, "sam0.02", sd) for sd in range(3)}
@@ -200,7 +201,7 @@ def test_smol_full_dry_run_calibrates_first_and_sweeps_rho(tmp_path):
     assert lines[1].startswith(f"python evaluate.py --model smollm2-135m --tasks paper arc_easy piqa sciq "
                                f"--limit 10 hellaswag=40 ")
     for i, (data, lr, e) in ((2, ("jeopardy", "1e-3", "2")), (5, ("rot13", "3e-4", "4"))):
-        name = study.run_name(data, lr, e, "adamw", 0)
+        name = run_name(data, lr, e, "adamw", 0)
         assert lines[i].startswith(f"python finetune.py --model smollm2-135m --data {data} --out {s}/runs/{name} "
                                    f"--epochs {e} --lr {lr} --seed 0 --batch-size 8 ")
         assert "--limit 32 --eval-every 2 " in lines[i] and f"--probe-cache {s}/probe_cache" in lines[i]
@@ -267,19 +268,19 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     cal = json.loads((out / "calibration.json").read_text())
     data, lr = cal["choice"]["data"], cal["choice"]["lr"]
     assert rep["settings"]["data"] == data and rep["best_rho"] in rep["settings"]["rhos"]
-    for name in ("stage1", "stage1_heldout_" + study.dtag(data)):
+    for name in ("stage1", "stage1_heldout_" + dtag(data)):
         assert (out / "evals" / name / "results.json").is_file()
 
-    adamw = study.run_name(data, lr, 2, "adamw", 0)
+    adamw = run_name(data, lr, 2, "adamw", 0)
     res = json.loads((out / "evals" / adamw / "results.json").read_text())
-    row = _row(md, f"| {study.dtag(data)} | w/o SAM ({adamw})")
+    row = _row(md, f"| {dtag(data)} | w/o SAM ({adamw})")
     assert f"{100 * res['avg']['score']:.2f}" in row.split(" | ")[6]          # AVG column
     # the in-domain gain and the general change, recomputed here from the per-item files
-    held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{study.dtag(data)}")}
+    held0 = {r["id"]: r["loss"] for r in _items(out / "evals" / f"stage1_heldout_{dtag(data)}")}
     gains = [held0[r["id"]] - r["loss"] for r in _items(out / "evals" / adamw) if r["task"] == "heldout"]
     assert f"{sum(gains) / len(gains):+.3f}" in row.split(" | ")[8]
     base = {(r["task"], r["id"]): r["p"] for r in _items(out / "evals" / "stage1")}
-    keep = study.general_tasks(_items(out / "evals" / "stage1"))   # the tasks above chance (tiny: all)
+    keep = measure.general_tasks(_items(out / "evals" / "stage1"))   # the tasks above chance (tiny: all)
     by_task = {}
     for r in _items(out / "evals" / adamw):
         if r["task"] != "heldout" and (keep is None or r["task"] in keep):
@@ -293,7 +294,7 @@ def test_tiny_report_holds_every_table_with_the_files_numbers(tiny):
     assert _row(md, "| stage 1 | ").split(" | ")[1:5] == [f"{100 * lm[k]:.2f}" for k in ("sc", "ag", "mag")] + \
         [f"{100 * st['categories']['DK']['score']:.2f} (n {dk_n})"]
     assert f"| - | stage 1 | {100 * st['tasks']['hellaswag']['score']:.2f} | unavailable offline |" in md
-    sam = study.run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
+    sam = run_name(data, lr, 1, f"sam{rep['best_rho']}", 0)
     rows = [json.loads(l) for l in (out / "runs" / sam / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rise = sum(r["loss_perturbed"] for r in rows) / len(rows) - sum(r["loss"] for r in rows) / len(rows)
     assert _row(md, f"| {sam} | {rep['best_rho']} | ").split(" | ")[3] == f"{rise:+.3f}"
@@ -305,7 +306,7 @@ def test_tiny_trajectories_probes_and_the_frontier_agree_with_the_files(tiny):
     out, _, md, rep = tiny
     cal = json.loads((out / "calibration.json").read_text())
     data, lr = cal["choice"]["data"], cal["choice"]["lr"]
-    adamw = study.run_name(data, lr, 2, "adamw", 0)
+    adamw = run_name(data, lr, 2, "adamw", 0)
     traj = [json.loads(l) for l in (out / "runs" / adamw / "trajectory.jsonl").read_text().splitlines() if l.strip()]
     assert [p["step"] for p in traj] == sorted({p["step"] for p in traj}) and len(traj) >= 3
     passages = len([l for l in (out / "general_text.jsonl").read_text().splitlines() if l.strip()])
@@ -324,7 +325,7 @@ def test_tiny_trajectories_probes_and_the_frontier_agree_with_the_files(tiny):
     labels = [r["label"] for r in fr["rows"]]
     assert f"SAM rho {rep['best_rho']} vs AdamW" in labels and "rehearsal vs AdamW" in labels
     assert "LoRA vs AdamW" in labels and set(rep["claims"]) == {"forgets", "flatness", "sam", "wiseft", "rehearsal"}
-    lora = study.run_name(data, lr, 2, "adamw", 0, lora=4)
+    lora = run_name(data, lr, 2, "adamw", 0, lora=4)
     assert json.loads((out / "runs" / lora / "args.json").read_text())["lora"] == 4
 
 

@@ -1,5 +1,5 @@
-"""study.py: the paired statistics against hand computations, and the study's choices (SAM radius,
-verdict, calibration rule) on constructed result files.
+"""stats.py's paired statistics against hand computations, measure.py's numbers and study.py's choices (SAM
+radius, verdict, calibration rule, claims) on constructed result files.
 
 The evaluation and run folders here are written by the test with known per-item values (no model runs),
 so the expected radius, verdict and numbers are known in advance. make_study() is shared with
@@ -9,11 +9,16 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
 
+import measure
+import plan
+import stats
 import study
+from verdict import MIN_SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("mmlu_stem", "boolq")
@@ -28,11 +33,11 @@ def test_mean_se_and_paired_match_a_hand_computation():
     base = [_item("A", i, lp=-1.0) for i in range(3)] + [_item("B", i, lp=-2.0) for i in range(2)]
     model = [_item("A", i, lp=-1.0 + d) for i, d in enumerate((1, 2, 3))] + \
         [_item("B", i, lp=-2.0 + d) for i, d in enumerate((0, 4))] + [_item("C", 0, lp=5.0)]  # C: unpaired
-    d = study.paired(model, base, "lp")
+    d = stats.paired(model, base, "lp")
     assert d["n"] == 5
     assert d["mean"] == pytest.approx(2.0)                                # mean of the task means (2 + 2) / 2
     assert d["se"] == pytest.approx(math.sqrt(1 / 3 + 8 / 2) / 2)          # sqrt(sum var_t / n_t) / T
-    flat = study.stats([1.0, 2.0, 3.0, 10.0])
+    flat = stats.stats([1.0, 2.0, 3.0, 10.0])
     assert flat["mean"] == pytest.approx(4.0)
     assert flat["se"] == pytest.approx(math.sqrt(((9 + 4 + 1 + 36) / 3) / 4))
 
@@ -43,36 +48,36 @@ def test_general_change_counts_only_tasks_the_stage1_model_is_above_chance_on():
     mk = lambda t, i, ok, k, p: {**_item(t, i, acc=float(ok), p=p), "lls": [0.0] * k}
     base = [mk("copa", i, i < 16, 2, 0.6) for i in range(20)] + [mk("boolq", i, i < 8, 2, 0.6) for i in range(10)]
     base += [mk("mmlu_stem", i, i == 0, 4, 0.3) for i in range(4)]
-    ab = study.ability_tasks(base)
+    ab = measure.ability_tasks(base)
     assert ab["copa"]["z"] == pytest.approx(0.3 / math.sqrt(0.25 / 20)) and ab["copa"]["able"]
     assert ab["boolq"]["z"] == pytest.approx(0.3 / math.sqrt(0.025)) and not ab["boolq"]["able"]
     assert ab["mmlu_stem"]["chance"] == pytest.approx(0.25) and not ab["mmlu_stem"]["able"]
-    assert study.general_tasks(base) == ["copa"]
+    assert measure.general_tasks(base) == ["copa"]
     model = [{**r, "p": r["p"] - (0.1 if r["task"] == "copa" else 0.5)} for r in base]
-    keep = study.general_tasks(base)
-    assert study.paired(study.general(model, keep), study.general(base), "p")["mean"] == pytest.approx(-0.1)
-    assert "copa 80.0% (chance 50.0%, n 20)" in study.ability_text(base)
-    assert study.general_tasks([mk("boolq", i, i < 5, 2, 0.5) for i in range(10)]) is None  # none: every task
+    keep = measure.general_tasks(base)
+    assert stats.paired(measure.general(model, keep), measure.general(base), "p")["mean"] == pytest.approx(-0.1)
+    assert "copa 80.0% (chance 50.0%, n 20)" in measure.ability_text(base)
+    assert measure.general_tasks([mk("boolq", i, i < 5, 2, 0.5) for i in range(10)]) is None  # none: every task
 
 
 def test_paired_refuses_items_with_a_different_prompt():
     with pytest.raises(ValueError, match="different prompt"):
-        study.paired([_item("A", 0, lp=1.0)], [{**_item("A", 0, lp=0.0), "key": "other"}], "lp")
+        stats.paired([_item("A", 0, lp=1.0)], [{**_item("A", 0, lp=0.0), "key": "other"}], "lp")
 
 
 def test_combine_seeds_uses_the_larger_of_paired_se_and_seed_spread():
-    c = study.combine([{"mean": 1.0, "se": 0.1}, {"mean": 3.0, "se": 0.1}])
+    c = stats.combine([{"mean": 1.0, "se": 0.1}, {"mean": 3.0, "se": 0.1}])
     assert c["mean"] == pytest.approx(2.0) and c["std"] == pytest.approx(math.sqrt(2))
     assert c["se"] == pytest.approx(1.0)                                   # std / sqrt(2) beats sqrt(0.02) / 2
-    c = study.combine([{"mean": 1.0, "se": 0.3}, {"mean": 1.0, "se": 0.4}])
+    c = stats.combine([{"mean": 1.0, "se": 0.3}, {"mean": 1.0, "se": 0.4}])
     assert c["se"] == pytest.approx(0.25)                                  # sqrt(0.09 + 0.16) / 2
 
 
 def test_spearman_hand_values():
-    assert study.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
-    assert study.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert study.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)   # tied ranks 1.5, 1.5, 3
-    assert study.spearman([1, 2], [1, 2]) is None
+    assert stats.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)   # tied ranks 1.5, 1.5, 3
+    assert stats.spearman([1, 2], [1, 2]) is None
 
 
 # ----------------------------------------------------------------------------- a constructed study
@@ -103,7 +108,7 @@ def _eval(folder, lp_drop, losses, score=0.5, seed=0):
 
 
 def _args(root, name, **params):
-    """runs/<name>/args.json as finetune.py writes it (the parameters study.py reads)."""
+    """runs/<name>/args.json as finetune.py writes it (the parameters measure.py reads)."""
     (root / "runs" / name).mkdir(parents=True, exist_ok=True)
     (root / "runs" / name / "args.json").write_text(json.dumps({"data": "gsm8k", "lr": 1e-4, **params}))
 
@@ -146,18 +151,18 @@ def make_study(root, sam_drop=0.1, sam_less=0.05):
     _eval(ev / "stage1", 0.0, [])
     _eval(ev / "stage1_heldout_gsm8k", 0.0, held)
     for sd in S["seeds"]:
-        _args(root, study.run_name("gsm8k", "1e-4", 2, "adamw", sd), sam=False, rho=2.0, epochs=2, seed=int(sd))
-        _args(root, study.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam=True, rho=0.05, epochs=1, seed=int(sd))
-        _eval(ev / study.run_name("gsm8k", "1e-4", 2, "adamw", sd), 0.5, [h - 1.0 + 0.02 * int(sd) for h in held],
+        _args(root, plan.run_name("gsm8k", "1e-4", 2, "adamw", sd), sam=False, rho=2.0, epochs=2, seed=int(sd))
+        _args(root, plan.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam=True, rho=0.05, epochs=1, seed=int(sd))
+        _eval(ev / plan.run_name("gsm8k", "1e-4", 2, "adamw", sd), 0.5, [h - 1.0 + 0.02 * int(sd) for h in held],
               0.4, int(sd))
-        _eval(ev / study.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam_drop,
+        _eval(ev / plan.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), sam_drop,
               [h - 1.0 + 0.02 * (1 - int(sd)) for h in held], 0.5, int(sd))
-        _traj(root, study.run_name("gsm8k", "1e-4", 2, "adamw", sd), adamw_traj())
-        _traj(root, study.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), adamw_traj()[:1] + [sam_end(less=sam_less)])
-    _args(root, study.run_name("gsm8k", "1e-4", 1, "sam2", 0), sam=True, rho=2.0, epochs=1, seed=0)
-    _eval(ev / study.run_name("gsm8k", "1e-4", 1, "sam2", 0), 0.0, [h + 0.01 for h in held])
-    _traj(root, study.run_name("gsm8k", "1e-4", 1, "sam2", 0), adamw_traj()[:1] + [point(4, 3.05, C, 0.02)])
-    adamw0 = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
+        _traj(root, plan.run_name("gsm8k", "1e-4", 2, "adamw", sd), adamw_traj())
+        _traj(root, plan.run_name("gsm8k", "1e-4", 1, "sam0.05", sd), adamw_traj()[:1] + [sam_end(less=sam_less)])
+    _args(root, plan.run_name("gsm8k", "1e-4", 1, "sam2", 0), sam=True, rho=2.0, epochs=1, seed=0)
+    _eval(ev / plan.run_name("gsm8k", "1e-4", 1, "sam2", 0), 0.0, [h + 0.01 for h in held])
+    _traj(root, plan.run_name("gsm8k", "1e-4", 1, "sam2", 0), adamw_traj()[:1] + [point(4, 3.05, C, 0.02)])
+    adamw0 = plan.run_name("gsm8k", "1e-4", 2, "adamw", 0)
     for alpha, loss, rise in (("0", 3.0, 0.0), ("0.5", 1.6, 0.7), ("1", 1.0, 2.0)):
         (root / "runs" / f"{adamw0}_wiseft{alpha}").mkdir(parents=True)
         (root / "runs" / f"{adamw0}_wiseft{alpha}" / "point.json").write_text(
@@ -168,7 +173,7 @@ def make_study(root, sam_drop=0.1, sam_less=0.05):
 
 
 def test_best_rho_skips_a_radius_that_forgets_nothing_because_it_learns_nothing(tmp_path):
-    s = study.settings(make_study(tmp_path), metric="lp", **S)
+    s = plan.settings(make_study(tmp_path), metric="lp", **S)
     rho, why = study.best_rho(s)
     assert rho == "0.05" and "clearly learn" in why
     out = subprocess.run([sys.executable, "study.py", "best-rho", "--out", str(tmp_path), "--metric", "lp",
@@ -177,28 +182,49 @@ def test_best_rho_skips_a_radius_that_forgets_nothing_because_it_learns_nothing(
     assert out.split() == ["0.05"]
 
 
+def test_the_plan_layers_saved_and_given_settings_and_stays_frozen(tmp_path):
+    (tmp_path / "report_args.json").write_text(json.dumps({**plan.SETTINGS, "data": "gsm8k", "lr": "1e-4",
+                                                           "rhos": ["0.05", "2"]}))
+    p = plan.settings(tmp_path, lr="3e-4", seeds=None)       # given beats saved; None keeps the saved one
+    assert (p.data, p.lr, p.rhos, p.seeds, p.best_rho) == ("gsm8k", "3e-4", ("0.05", "2"), ("0",), None)
+    assert p.conf == {**plan.SETTINGS, "data": "gsm8k", "lr": "3e-4", "rhos": ["0.05", "2"]}
+    with pytest.raises(FrozenInstanceError):
+        p.best_rho = "2"
+    chosen = replace(p, best_rho="2")                        # a later choice is a new plan
+    assert chosen.names["sam"]["0"] == "gsm8k_lr3e-4_e1_sam2_s0" and p.best_rho is None
+    assert chosen.names["sweep"] == {"0.05": "gsm8k_lr3e-4_e1_sam0.05_s0", "2": "gsm8k_lr3e-4_e1_sam2_s0"}
+    with pytest.raises(ValueError, match="--data and --lr are needed"):
+        plan.settings(tmp_path / "elsewhere")
+
+
+def test_a_claim_on_fewer_than_min_seeds_is_reported_whichever_side_it_falls():
+    assert study.outcome("held", MIN_SEEDS - 1) == f"reported ({MIN_SEEDS - 1} seed(s))"
+    assert study.outcome("did not hold", 1) == "reported (1 seed(s))"
+    assert study.outcome("held", MIN_SEEDS) == "held" and study.outcome("did not hold", 6) == "did not hold"
+    assert study.outcome(None, 1) is None                    # not resolved stays not resolved
+
+
 def test_best_rho_reads_the_radius_from_args_json_not_the_folder_name(tmp_path):
     make_study(tmp_path)
-    _args(tmp_path, study.run_name("gsm8k", "1e-4", 1, "sam0.05", 0), sam=True, rho=0.5, epochs=1, seed=0)
+    _args(tmp_path, plan.run_name("gsm8k", "1e-4", 1, "sam0.05", 0), sam=True, rho=0.5, epochs=1, seed=0)
     with pytest.raises(ValueError, match="rho=0.5, not SAM with rho 0.05"):
-        study.best_rho(study.settings(tmp_path, metric="lp", **S))
+        study.best_rho(plan.settings(tmp_path, metric="lp", **S))
 
 
 def test_measure_takes_the_held_out_baseline_from_the_runs_args(tmp_path):
     make_study(tmp_path)
-    name = study.run_name("gsm8k", "1e-4", 2, "adamw", 0)
-    m = study.measure(tmp_path, name, "lp")
+    name = plan.run_name("gsm8k", "1e-4", 2, "adamw", 0)
+    m = measure.measure(tmp_path, name, "lp")
     assert m["params"]["data"] == "gsm8k" and m["gain"]["mean"] == pytest.approx(1.0)
     _args(tmp_path, name, data="other.jsonl")            # no stage-1 held-out loss on `other`: no gain
-    assert "gain" not in study.measure(tmp_path, name, "lp")
+    assert "gain" not in measure.measure(tmp_path, name, "lp")
 
 
 @pytest.mark.parametrize("sam_drop, outcome", [(0.1, "held"), (0.9, "failed"), (0.5, "unresolved")])
 def test_verdict_follows_the_paired_numbers(tmp_path, sam_drop, outcome):
-    s = study.settings(make_study(tmp_path, sam_drop), **{**S, "metric": "lp"})
-    s.best_rho = "0.05"
-    s.names = study.names(s)
-    M = {n: study.measure(tmp_path, n, "lp") for n in [*s.names["adamw"].values(), *s.names["sam"].values()]}
+    s = plan.settings(make_study(tmp_path, sam_drop), **{**S, "metric": "lp"})
+    s = replace(s, best_rho="0.05")
+    M = {n: measure.measure(tmp_path, n, "lp") for n in [*s.names["adamw"].values(), *s.names["sam"].values()]}
     text, info = study.verdict(s, M)
     assert info["outcome"] == outcome, text
     assert info["sam_minus_adamw_general"]["mean"] == pytest.approx(0.5 - sam_drop, abs=1e-9)
@@ -235,32 +261,31 @@ def test_candidate_specs_are_checked():
 # ----------------------------------------------------------------------------- trajectories and the frontier
 
 def test_matched_learning_interpolates_adamw_at_sams_held_out_loss():
-    d = study.matched(adamw_traj(), sam_end())
+    d = measure.matched(adamw_traj(), sam_end())
     assert d["at"] == 1.75 and d["n"] == 4
     assert d["mean"] == pytest.approx(-0.05) and d["se"] == pytest.approx(SE_E)
     assert d["ref"] == pytest.approx(0.15 * 1.25) and d["own"] == pytest.approx(0.15 * 1.25 - 0.05)
-    assert study.at(adamw_traj(), "heldout_loss", 1.75, "displacement") == pytest.approx(0.0125)
+    assert measure.at(adamw_traj(), "heldout_loss", 1.75, "displacement") == pytest.approx(0.0125)
     # the first crossing counts when the held-out loss goes back up; beyond the trajectory: no match
     bumpy = adamw_traj()[:3] + [point(6, 2.5, [0.0] * 4, 0.0)]
-    assert study.crossing(bumpy, "heldout_loss", 2.25) == (1, pytest.approx(0.5))
-    far = study.matched(adamw_traj(), sam_end(loss=0.5))
+    assert measure.crossing(bumpy, "heldout_loss", 2.25) == (1, pytest.approx(0.5))
+    far = measure.matched(adamw_traj(), sam_end(loss=0.5))
     assert far["mean"] is None and "outside the reference's range [1.000, 3.000]" in far["why"]
     assert study.nearest_step(adamw_traj(), 1.7)["step"] == 6
 
 
 def test_displacement_fit_and_the_comparison_at_equal_displacement(tmp_path):
-    fit = study.fit_line([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
+    fit = stats.fit_line([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
     assert (fit["intercept"], fit["slope"], fit["r2"]) == (pytest.approx(1.0), pytest.approx(2.0), pytest.approx(1.0))
-    assert study.fit_line([1.0, 1.0], [0.0, 1.0])["slope"] is None
+    assert stats.fit_line([1.0, 1.0], [0.0, 1.0])["slope"] is None
     # SAM moved 0.005: AdamW there had a held-out loss of 2.5 and a rise of 0.5 C; SAM's rise is 1.25 C - 0.05 + E
-    d = study.matched(adamw_traj(), sam_end(), "displacement")
+    d = measure.matched(adamw_traj(), sam_end(), "displacement")
     diffs = [0.75 * c - 0.05 + e for c, e in zip(C, E)]
     se = math.sqrt(sum((x - sum(diffs) / 4) ** 2 for x in diffs) / 3 / 4)
     assert d["mean"] == pytest.approx(0.75 * 0.15 - 0.05) and d["se"] == pytest.approx(se)
-    s = study.settings(make_study(tmp_path), metric="lp", **S)
-    s.best_rho = "0.05"
-    study.measure_study(s)
-    F = study.frontier(s)
+    s = plan.settings(make_study(tmp_path), metric="lp", **S)
+    s = replace(s, best_rho="0.05")
+    F = measure.frontier(s)
     D = F["displacement"]
     assert D["fit"]["slope"] is not None and 0 < D["fit"]["r2"] <= 1
     assert D["sam_vs_adamw"]["mean"] == pytest.approx(0.0625) and D["sam_end"] == [0.005, 0.005]
@@ -271,10 +296,10 @@ def test_displacement_fit_and_the_comparison_at_equal_displacement(tmp_path):
 
 @pytest.mark.parametrize("less, outcome", [(0.05, "held"), (0.0, "did not hold"), (-0.05, "did not hold")])
 def test_claims_follow_the_comparison_at_matched_learning(tmp_path, less, outcome):
-    s = study.settings(make_study(tmp_path, sam_less=less), metric="lp", **S)
-    s.best_rho = "0.05"
-    M = study.measure_study(s)
-    F = study.frontier(s)
+    s = plan.settings(make_study(tmp_path, sam_less=less), metric="lp", **S)
+    s = replace(s, best_rho="0.05")
+    M, _ = measure.measure_study(s)
+    F = measure.frontier(s)
     rows = {r["label"]: r for r in F["rows"]}
     sam = rows["SAM rho 0.05 vs AdamW"]["nll"]
     assert sam["mean"] == pytest.approx(-less) and sam["k"] == 2
@@ -296,20 +321,20 @@ def test_the_panel_keeps_the_tasks_above_chance_and_reports_their_n():
     mk = lambda t, i, ok, k: {**_item(t, i, acc=float(ok), acc_norm=float(ok), p=0.5), "lls": [0.0] * k}
     items = [mk("sciq", i, i < 30, 4) for i in range(40)]             # 75% at chance 25%: z = 5.5
     items += [mk("winogrande", i, i < 21, 2) for i in range(40)]      # 52.5% at chance 50%: z = 0.3
-    ab = study.ability_tasks(items)
+    ab = measure.ability_tasks(items)
     assert ab["sciq"]["able"] and not ab["winogrande"]["able"] and ab["sciq"]["n"] == 40
-    assert study.general_tasks(items) == ["sciq"]
-    assert "sciq 75.0% (chance 25.0%, n 40)" in study.ability_text(items)
+    assert measure.general_tasks(items) == ["sciq"]
+    assert "sciq 75.0% (chance 25.0%, n 40)" in measure.ability_text(items)
 
 
 def test_the_end_point_comparison_evaluates_the_adamw_step_nearest_sams_loss(tmp_path, capsys):
     import report
     root = make_study(tmp_path)
-    adamw0, sam0 = study.run_name("gsm8k", "1e-4", 2, "adamw", 0), study.run_name("gsm8k", "1e-4", 1, "sam0.05", 0)
+    adamw0, sam0 = plan.run_name("gsm8k", "1e-4", 2, "adamw", 0), plan.run_name("gsm8k", "1e-4", 1, "sam0.05", 0)
     _traj(root, sam0, adamw_traj()[:1] + [sam_end(loss=1.6)])       # AdamW passes 1.5 at step 6 (of 8)
-    s = study.settings(root, metric="lp", **S)
-    s.best_rho = "0.05"
-    M = study.measure_study(s)
+    s = plan.settings(root, metric="lp", **S)
+    s = replace(s, best_rho="0.05")
+    M, _ = measure.measure_study(s)
     c = study.matched_checkpoint(s)
     assert (c["step"], c["steps"], c["heldout_loss"], c["target"]) == (6, 8, 1.5, 1.6)
     assert c["name"] == f"{adamw0}_step6"
