@@ -40,8 +40,8 @@ case $PROFILE in
       # The verdict against AdamW's learning-rate frontier (verdict.py), sized for <= 45 minutes on a 2-core
       # CPU (BENCHMARKS.md has the measured time): rot13 (chosen by measurement: docs/findings.md, 2026-12-04),
       # 16 items in steps of 4 (AdamW 8 steps, SAM 4), AdamW at 3 learning rates over 10x (3e-5 1e-4 3e-4: lr
-      # 1e-3 is dominated on every seed, and 3e-5 carries the frontier down to the remedies that learn little;
-      # smol-full runs all four), SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
+      # 1e-3 is dominated on every seed; 3e-5 measured whether a smaller lr reaches the remedies that learn
+      # little - it does not, it is dominated by 1e-4 (docs/findings.md); smol-full runs all four), SAM (rho 0.02, chosen in advance: docs/finetune.md#choosing-rho)
       # at lr 3e-4 and 1e-3, the schedule control, 6 seeds; every run warms up 2 steps and anneals (cosine)
       # to 0; fp32 compute on 2 seeds; multiple choice for the first seed's key models only (a small panel of
       # the tasks SmolLM2-135M is above chance on); no landscapes, distance data or Δp rerun (smol-full).
@@ -312,6 +312,9 @@ calibration() {
     return 0
   fi
   local c d lr e tried=() judge
+  if [[ -f $OUT/calibration.json ]]; then CANDIDATES=''   # chosen already: its run is the study's first AdamW run
+  elif [[ -z $CANDIDATES ]]; then die "CALIBRATE=1 needs CANDIDATES (DATA:LR:EPOCHS, mildest first), or give \
+STAGE2_DATA and STAGE2_LR instead."; fi
   for c in $CANDIDATES; do
     IFS=: read -r d lr e <<<"$c"
     [[ -n $d && -n $lr && -n $e ]] || die "CANDIDATES holds '$c'; give DATA:LR:EPOCHS (for example rot13:1e-3:2)."
@@ -321,7 +324,7 @@ calibration() {
     [[ $MODE == run && $CAL_ALL != 1 ]] || continue
     "$PYTHON" "${judge[@]}" --check && break
   done
-  step "$C_HELD" "$OUT/calibration.json" "choose among the candidates" "$PYTHON" "${judge[@]}"
+  [[ -z $CANDIDATES ]] || step "$C_HELD" "$OUT/calibration.json" "choose among the candidates" "$PYTHON" "${judge[@]}"
   [[ -f $OUT/calibration.json ]] || { unknown "calibrate.py's choice of the stage-2 setting"; return 1; }
   known "calibrate.py's choice of the stage-2 setting"
   read -r STAGE2_DATA STAGE2_LR STAGE2_EPOCHS <<<"$("$PYTHON" calibrate.py --show "$OUT/calibration.json")"
