@@ -5,7 +5,6 @@ claims one by one. report.py renders them; calibrate.py and run_all.sh call it f
 
     python study.py best-rho --out results      # the SAM radius the study continues with (settings from
                                                 # OUT/report_args.json, or give --data --lr --rhos ...)
-    python study.py calibration results/calibration.json    # "DATA LR EPOCHS" of calibrate.py's choice
     python study.py matched-step --out results  # "STEP NAME": the AdamW step nearest SAM's final held-out loss
 
 The plan (settings, model names) is plan.py's, the measurements measure.py's, the statistics stats.py's. A
@@ -348,14 +347,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     add_settings_args(sub.add_parser("best-rho", help="print the SAM radius the study continues with"))
-    sub.add_parser("calibration", help="print DATA LR EPOCHS of a calibration.json").add_argument("path")
     add_settings_args(sub.add_parser("matched-step", help="print STEP NAME: the first AdamW run's trajectory "
                                      "step nearest the first SAM run's final held-out loss (matched_checkpoint)"))
     a = vars(p.parse_args(argv))
     try:
-        if a["cmd"] == "calibration":
-            print(calibration_choice(a["path"]))
-            return
         plan = settings(a.pop("out"), **a)
         plan = replace(plan, best_rho=best_rho(plan)[0])
         if a["cmd"] == "best-rho":
